@@ -1,0 +1,376 @@
+"""Run configuration: one dataclass per TOML section, loading, command-line overrides, validation.
+
+A run is described by a TOML file with the sections below. Every field has a default, so a file
+only names what differs. ``load_config("4b9.toml")`` finds the configs bundled in
+``argonne_dt/configs``; any other path is read as given. Overrides are command-line words
+``--section.key=value`` or ``--section.key value`` and are typed from the dataclass field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled, of the wrong type or inconsistent."""
+
+
+def _doc(text: str, **kwargs) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _doc("tokenizer vocabulary size (Qwen2.5: 151,665)", default=151_665)
+    hidden_size: int = _doc("model width; must equal num_heads * head_dim", default=4080)
+    num_layers: int = _doc("number of pre-norm transformer blocks", default=24)
+    num_heads: int = _doc("query heads", default=24)
+    num_kv_heads: int = _doc("key/value heads (grouped-query attention)", default=8)
+    head_dim: int = _doc("width of one attention head", default=170)
+    intermediate_size: int = _doc(
+        "SwiGLU hidden width; 0 derives int(8 * hidden / 3) rounded up to a multiple of 256", default=0
+    )
+    max_seq_len: int = _doc("longest sequence the rotary tables cover", default=4096)
+    rope_theta: float = _doc("RoPE base frequency", default=10_000.0)
+    norm_eps: float = _doc("RMSNorm epsilon", default=1e-6)
+    init_std: float = _doc("std of the normal init; residual projections get / sqrt(2 * layers)", default=0.02)
+    pad_head_dim: bool = _doc(
+        "pad q/k/v to a multiple of 8 inside attention so flash SDPA kernels accept the head size",
+        default=False,
+    )
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _doc("tensor-parallel degree (GPUs sharing one model replica)", default=1)
+    dp: int = _doc("data-parallel (FSDP2) degree; -1 means world_size / tp", default=-1)
+    sequence_parallel: bool = _doc("shard norms and activations between blocks on the sequence dim", default=True)
+    loss_parallel: bool = _doc("compute the loss on vocab-sharded logits (no rank holds full logits)", default=True)
+    activation_checkpoint: str = _doc("per-block recompute: none, full or selective", default="none")
+    ac_every: int = _doc(
+        "selective mode: 0 saves matmul/attention outputs (op level); N > 0 recomputes every N-th block",
+        default=0,
+    )
+    compile: bool = _doc("torch.compile each block", default=False)
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = _doc(
+        "parquet files, directories or globs (fsspec URLs work); empty uses the bundled sample corpus",
+        default_factory=list,
+    )
+    text_column: str = _doc("column holding the document text", default="text")
+    seq_len: int = _doc("training sequence length (tokens per sample)", default=4096)
+    tokenizer: str = _doc("local dir, cached hub name, or 'qwen2.5' (offline default)", default="qwen2.5")
+    add_bos: bool = _doc("put <|im_start|> before each document", default=True)
+    add_eos: bool = _doc("put <|im_end|> after each document", default=True)
+    min_chars_for_ratio_filter: int = _doc("ratio rules apply only to texts longer than this", default=50)
+    max_digit_ratio: float = _doc("drop texts whose share of digits exceeds this", default=0.5)
+    min_alpha_space_ratio: float = _doc("drop texts whose share of letters and spaces is below this", default=0.3)
+    min_tokens: int = _doc("drop documents with fewer tokens than this", default=10)
+    num_workers: int = _doc("parallel tokenization threads", default=2)
+    prefetch: int = _doc("batches prepared ahead of the training step", default=4)
+    tokenize_batch_size: int = _doc("documents per tokenizer call", default=64)
+    loop: bool = _doc("start a new epoch when the shards are exhausted (else stop)", default=True)
+    on_bad_shard: str = _doc("'skip' (warn and count) or 'error' on an unreadable shard", default="skip")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _doc("peak learning rate", default=1e-4)
+    min_lr: float = _doc("learning rate at the end of the cosine decay", default=1e-5)
+    warmup_steps: int = _doc("linear warmup steps", default=2000)
+    weight_decay: float = _doc("AdamW weight decay (not applied to norms)", default=0.1)
+    betas: list[float] = _doc("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    eps: float = _doc("AdamW epsilon", default=1e-8)
+    grad_clip: float = _doc("global gradient-norm clip; 0 disables", default=1.0)
+    fused: bool = _doc("use the fused AdamW kernel where the device supports it", default=True)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _doc("optimizer steps of the whole run", default=1000)
+    micro_batch_size: int = _doc("sequences per data-parallel rank per micro-step", default=1)
+    grad_accum_steps: int = _doc("micro-batches accumulated per optimizer step", default=1)
+    seed: int = _doc("seed for init and everything random", default=1234)
+    dtype: str = _doc("compute dtype: bf16 (autocast, fp32 master weights) or fp32", default="bf16")
+    max_nonfinite_steps: int = _doc("consecutive non-finite steps tolerated before stopping", default=5)
+    eval_every: int = _doc("validation every N steps; 0 disables", default=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _doc("save every N steps (and at the end); 0 saves only at the end", default=500)
+    keep_last: int = _doc("newest complete checkpoints kept; 0 keeps all", default=3)
+    async_save: bool = _doc("write checkpoints in the background with dcp.async_save", default=False)
+    initial_load_path: str = _doc("checkpoint to start from when the run has none of its own", default="")
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = _doc("console / TensorBoard / jsonl line every N steps", default=10)
+    tensorboard: bool = _doc("write TensorBoard events under job.dir/tb", default=True)
+    sample_every: int = _doc("generate sample continuations every N steps; 0 disables", default=0)
+    sample_prompts: list[str] = _doc(
+        "prompts for the samples", default_factory=lambda: ["Long long time ago, "]
+    )
+
+
+@dataclass
+class JobConfig:
+    name: str = _doc("run name; defaults to the config file's stem", default="")
+    dir: str = _doc("where the run writes everything; defaults to runs/<name>", default="")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _closest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else f" (known: {', '.join(sorted(choices))})"
+
+
+def _coerce(value: Any, expected: Any, where: str) -> Any:
+    """Return ``value`` as ``expected`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {expected} at {where}")
+
+
+def _apply(config: Config, section: str, key: str, value: Any, source: str) -> None:
+    types = _section_types()
+    if section not in types:
+        raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, types)}")
+    fields = _field_types(types[section])
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key {section}.{key}{_closest(key, fields)}")
+    typed = _coerce(value, fields[key], f"{source}: {section}.{key}")
+    setattr(getattr(config, section), key, typed)
+
+
+def parse_overrides(words: list[str]) -> list[tuple[str, str]]:
+    """Turn ``--section.key=value`` / ``--section.key value`` words into (dotted key, value) pairs."""
+    pairs, i = [], 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--") or "." not in word.split("=", 1)[0]:
+            raise ConfigError(f"override {word!r}: expected --section.key=value or --section.key value")
+        if "=" in word:
+            key, value = word[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(words):
+                raise ConfigError(f"override {word!r} has no value")
+            key, value = word[2:], words[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    bundled = BUNDLED_CONFIG_DIR / path.name
+    if path.parent == Path(".") and bundled.exists():
+        return bundled
+    available = ", ".join(sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a bundled config ({available})")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (bundled name or path), apply command-line overrides, validate."""
+    config = Config()
+    name = "default"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        name = path.stem
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
+            for key, value in values.items():
+                _apply(config, section, key, value, str(path))
+    for dotted, value in parse_overrides(overrides or []):
+        section, _, key = dotted.partition(".")
+        _apply(config, section, key, value, f"override --{dotted}")
+    if not config.job.name:
+        config.job.name = name
+    if not config.job.dir:
+        config.job.dir = str(Path("runs") / config.job.name)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (as stored in a checkpoint)."""
+    config = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _apply(config, section, key, value, "stored config")
+    validate(config)
+    return config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config, world_size: int | None = None) -> None:
+    """Check consistency; the checks that need the world size run only when it is given."""
+    m, p = config.model, config.parallel
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _require(
+        m.hidden_size == m.num_heads * m.head_dim,
+        f"model.hidden_size={m.hidden_size} must equal model.num_heads * model.head_dim "
+        f"= {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}",
+    )
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}",
+    )
+    _require(p.tp >= 1, f"parallel.tp must be >= 1, got {p.tp}")
+    _require(p.dp == -1 or p.dp >= 1, f"parallel.dp must be -1 (auto) or >= 1, got {p.dp}")
+    _require(
+        m.num_kv_heads % p.tp == 0,
+        f"parallel.tp={p.tp} must divide model.num_kv_heads={m.num_kv_heads} (each rank needs whole kv heads)",
+    )
+    _require(
+        m.num_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}"
+    )
+    _require(
+        m.ffn_dim % p.tp == 0,
+        f"parallel.tp={p.tp} must divide the MLP width {m.ffn_dim} (model.intermediate_size)",
+    )
+    _require(
+        p.activation_checkpoint in ("none", "full", "selective"),
+        f"parallel.activation_checkpoint={p.activation_checkpoint!r} must be none, full or selective",
+    )
+    _require(p.ac_every >= 0, f"parallel.ac_every must be >= 0, got {p.ac_every}")
+    d = config.data
+    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+    )
+    if p.sequence_parallel and p.tp > 1:
+        _require(
+            d.seq_len % p.tp == 0,
+            f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} with "
+            "parallel.sequence_parallel=true (or turn sequence parallelism off)",
+        )
+    _require(d.on_bad_shard in ("skip", "error"), f"data.on_bad_shard={d.on_bad_shard!r} must be skip or error")
+    _require(d.num_workers >= 1, f"data.num_workers must be >= 1, got {d.num_workers}")
+    t = config.train
+    _require(t.dtype in ("bf16", "fp32"), f"train.dtype={t.dtype!r} must be bf16 or fp32")
+    for key in ("steps", "micro_batch_size", "grad_accum_steps"):
+        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    o = config.optim
+    _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
+    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if world_size is not None:
+        dp = resolved_dp(config, world_size)
+        _require(
+            dp * p.tp == world_size,
+            f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}",
+        )
+
+
+def resolved_dp(config: Config, world_size: int) -> int:
+    p = config.parallel
+    if p.dp != -1:
+        return p.dp
+    _require(
+        world_size % p.tp == 0,
+        f"world size {world_size} is not divisible by parallel.tp={p.tp}",
+    )
+    return world_size // p.tp
+
+
+def describe_fields() -> str:
+    """A Markdown table of every section and key with its default and doc (for the README)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section, cls in _section_types().items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata["doc"].replace("|", "\\|")
+            lines.append(f"| `{section}.{f.name}` | `{default!r}` | {doc} |")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The Argonne 2.0 decoder as plain single-device modules.
+
+LLaMA-style: pre-norm blocks of grouped-query attention and a SwiGLU MLP, RMSNorm computed in
+fp32, rotary positions (rotate-half, the Hugging Face Llama convention) and a tied lm_head.
+No distributed code lives here: ``parallelize.py`` shards these modules from outside, which is
+why attention takes its head count from the tensors it receives, not from the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics whatever the compute dtype: bf16 sums of squares lose too much.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim) in the rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape (B, heads, T, head_dim) by tables of shape (T, head_dim)."""
+    return (x * cos + _rotate_half(x) * sin).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past positions for one attention layer, shape (B, kv_heads, max_len, head_dim)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> KVCache:
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; position {end - 1} requested")
+        self.keys[:, :, start_pos:end] = k.to(self.keys.dtype)
+        self.values[:, :, start_pos:end] = v.to(self.values.dtype)
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def _pad_last_dim(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x.shape[-1] % multiple
+    return F.pad(x, (0, pad)) if pad else x
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.pad_head_dim = cfg.pad_head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1: the local head count, which is num_heads / tp once the projections are sharded.
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+            if start_pos > 0:
+                causal = False
+                if seq > 1:
+                    query_pos = torch.arange(start_pos, start_pos + seq, device=x.device)
+                    mask = query_pos[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.pad_head_dim:
+            # Flash kernels need head_dim % 8 == 0; zero padding leaves q.k and the used part of
+            # the output unchanged, and the scale stays that of the true head_dim.
+            q, k, v = (_pad_last_dim(t, 8) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        out = out[..., : self.head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ArgonneModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.embed.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """One parameter for embedding and lm_head (call again after anything replaces either)."""
+        self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * layers); norms 1.
+
+        Also recomputes the rotary tables, so a model built on the meta device and then moved with
+        ``to_empty`` (which unties shared parameters) is complete after this call.
+        """
+        self.tie_weights()
+        cfg = self.config
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        for block in self.layers:
+            for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj):
+                nn.init.normal_(proj.weight, std=cfg.init_std)
+            for proj in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, std=residual_std)
+            block.attn_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """Logits of shape (B, T, vocab) for token ids of shape (B, T).
+
+        With ``caches`` (one per layer) the tokens are positions ``start_pos ...`` of a sequence
+        whose earlier keys and values are in the caches, which this call extends.
+        """
+        seq = tokens.shape[1]
+        cos = self.rope_cos[start_pos : start_pos + seq]
+        sin = self.rope_sin[start_pos : start_pos + seq]
+        h = self.embed(tokens)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+        return self.lm_head(self.norm(h))
+
+    def new_kv_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
+        """Empty per-layer caches sized from the (possibly sharded) k projection."""
+        caches = []
+        for block in self.layers:
+            weight = block.attn.k_proj.weight
+            local_rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+            caches.append(
+                KVCache.empty(batch, local_rows // self.config.head_dim, max_len, self.config.head_dim,
+                              dtype or weight.dtype, self.rope_cos.device)
+            )
+        return caches
+
+    def num_parameters(self) -> int:
+        """Parameter count with the tied embedding / lm_head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward, no recompute), as in DESIGN.md.
+
+        The embedding lookup costs nothing, but the tied lm_head matmul costs 2 * V * D forward,
+        so it is counted even though its weight is the embedding's.
+        """
+        cfg = self.config
+        lm_head = cfg.vocab_size * cfg.hidden_size
+        without_embedding_lookup = self.num_parameters() - lm_head
+        attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+        return 6 * (without_embedding_lookup + lm_head) + attention
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32; works on vocab-sharded DTensor logits under ``loss_parallel()``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))

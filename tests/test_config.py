@@ -1,0 +1,87 @@
+import pytest
+
+from argonne_dt.config import ConfigError, describe_fields, load_config, validate
+
+
+def test_bundled_configs_load_by_bare_name():
+    big = load_config("4b9.toml")
+    assert (big.model.hidden_size, big.model.num_layers, big.model.head_dim) == (4080, 24, 170)
+    assert (big.model.num_heads, big.model.num_kv_heads, big.model.ffn_dim) == (24, 8, 11008)
+    assert big.model.vocab_size == 151_665 and big.data.seq_len == 4096 and big.parallel.tp == 8
+    assert (big.optim.lr, big.optim.min_lr, big.optim.warmup_steps) == (1e-4, 1e-5, 2000)
+    assert (big.optim.weight_decay, big.optim.grad_clip, big.optim.fused) == (0.1, 1.0, True)
+    tokens = big.train.steps * big.train.micro_batch_size * big.train.grad_accum_steps * big.data.seq_len
+    assert 21.8e9 < tokens < 22.0e9
+    tiny = load_config("tiny.toml")
+    assert tiny.model.vocab_size == 151_665 and tiny.job.dir == "runs/tiny"
+
+
+def test_derived_intermediate_size_rounds_to_256():
+    cfg = load_config("4b9.toml", ["--model.intermediate_size=0"])
+    assert cfg.model.ffn_dim == 11008
+
+
+def test_path_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nsteps = 7\n[data]\npaths = ["a.parquet"]\n')
+    cfg = load_config(
+        path,
+        ["--train.micro_batch_size", "3", "--optim.lr=0.5", "--parallel.sequence_parallel=false",
+         "--data.paths=x.parquet,y.parquet", "--job.name", "exp"],
+    )
+    assert cfg.train.steps == 7 and cfg.train.micro_batch_size == 3
+    assert cfg.optim.lr == 0.5 and cfg.parallel.sequence_parallel is False
+    assert cfg.data.paths == ["x.parquet", "y.parquet"]
+    assert cfg.job.name == "exp" and cfg.job.dir == "runs/exp"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--trian.steps=3"], r"unknown section \[trian\] \(did you mean 'train'\?\)"),
+        (["--train.stesp=3"], r"unknown key train.stesp \(did you mean 'steps'\?\)"),
+        (["--train.steps=three"], r"train.steps: expected an integer, got 'three'"),
+        (["--parallel.compile=maybe"], r"parallel.compile: expected true or false, got 'maybe'"),
+        (["--model.hidden_size=4000"], r"model.hidden_size=4000 must equal .* 24 \* 170 = 4080"),
+        (["--model.num_kv_heads=7", "--model.num_heads=24"], r"model.num_heads=24 must be divisible by model.num_kv_heads=7"),
+        (["--parallel.tp=16"], r"parallel.tp=16 must divide model.num_kv_heads=8"),
+        (["--parallel.tp=4", "--model.num_heads=6", "--model.num_kv_heads=2", "--model.hidden_size=1020"],
+         r"parallel.tp=4 must divide model.num_kv_heads=2"),
+        (["--data.seq_len=4092"], r"data.seq_len=4092 must be divisible by parallel.tp=8"),
+        (["--train.dtype=fp16"], r"train.dtype='fp16' must be bf16 or fp32"),
+        (["--train.steps"], r"has no value"),
+        (["train.steps=3"], r"expected --section.key=value"),
+    ],
+)
+def test_bad_values_are_named(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("4b9.toml", overrides)
+
+
+def test_bad_file_contents_name_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[model]\nhiden_size = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown key model.hiden_size \(did you mean 'hidden_size'\?\)"):
+        load_config(path)
+    path.write_text("[model\n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="neither a file nor a bundled config"):
+        load_config("nope.toml")
+
+
+def test_world_size_checks():
+    cfg = load_config("4b9.toml")
+    validate(cfg, world_size=16)  # dp = 2
+    with pytest.raises(ConfigError, match=r"world size 12 is not divisible by parallel.tp=8"):
+        validate(cfg, world_size=12)
+    cfg.parallel.dp = 3
+    with pytest.raises(ConfigError, match=r"world size 16 must equal parallel.dp \* parallel.tp = 3 \* 8"):
+        validate(cfg, world_size=16)
+
+
+def test_every_field_is_documented():
+    table = describe_fields()
+    assert "`model.hidden_size`" in table and "`checkpoint.keep_last`" in table
+    rows = [row.replace("\\|", "") for row in table.splitlines()]
+    assert all(row.count("|") == 4 and not row.endswith("|  |") for row in rows)
