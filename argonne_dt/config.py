@@ -308,17 +308,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     )
     _require(p.tp >= 1, f"parallel.tp must be >= 1, got {p.tp}")
     _require(p.dp == -1 or p.dp >= 1, f"parallel.dp must be -1 (auto) or >= 1, got {p.dp}")
-    _require(
-        m.num_kv_heads % p.tp == 0,
-        f"parallel.tp={p.tp} must divide model.num_kv_heads={m.num_kv_heads} (each rank needs whole kv heads)",
-    )
-    _require(
-        m.num_heads % p.tp == 0, f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}"
-    )
-    _require(
-        m.ffn_dim % p.tp == 0,
-        f"parallel.tp={p.tp} must divide the MLP width {m.ffn_dim} (model.intermediate_size)",
-    )
+    check_tp_divides(m, p.tp)
     _require(
         p.activation_checkpoint in ("none", "full", "selective"),
         f"parallel.activation_checkpoint={p.activation_checkpoint!r} must be none, full or selective",
@@ -347,15 +337,28 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if world_size is not None:
-        dp = resolved_dp(config, world_size)
+        dp = resolved_dp(p, world_size)
         _require(
             dp * p.tp == world_size,
             f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}",
         )
 
 
-def resolved_dp(config: Config, world_size: int) -> int:
-    p = config.parallel
+def check_tp_divides(m: ModelConfig, tp: int) -> None:
+    """Each tensor-parallel rank must get whole query heads, whole kv heads and equal MLP columns."""
+    _require(
+        m.num_kv_heads % tp == 0,
+        f"parallel.tp={tp} must divide model.num_kv_heads={m.num_kv_heads} (each rank needs whole kv heads)",
+    )
+    _require(m.num_heads % tp == 0, f"parallel.tp={tp} must divide model.num_heads={m.num_heads}")
+    _require(
+        m.ffn_dim % tp == 0,
+        f"parallel.tp={tp} must divide the MLP width {m.ffn_dim} (model.intermediate_size)",
+    )
+
+
+def resolved_dp(p: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree; dp = -1 means world_size / tp."""
     if p.dp != -1:
         return p.dp
     _require(

@@ -140,7 +140,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        # cache and start_pos go by keyword: tensor-parallel input preparation covers the positional args.
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, start_pos=start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -1,0 +1,192 @@
+"""Make the plain model parallel: DeviceMesh, the tensor-parallel plan, FSDP2, activation checkpointing.
+
+Order of application (as in torchtitan): tensor parallel -> activation checkpointing -> compile ->
+FSDP2. The model module itself is never edited for parallelism; styles from
+``torch.distributed.tensor.parallel`` replace its parameters with DTensors and insert the
+(autograd-aware) collectives at module boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from .config import ConfigError, ParallelConfig, check_tp_divides, resolved_dp
+from .model import ArgonneModel
+
+
+def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
+    """A mesh with dims ("dp", "tp"), or 1-D ("tp",) when dp is 1. dp=-1 means world_size / tp."""
+    dp = resolved_dp(parallel, world_size)
+    if dp * parallel.tp != world_size:
+        raise ConfigError(
+            f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {parallel.tp}"
+        )
+    if dp == 1:
+        return init_device_mesh(device_type, (parallel.tp,), mesh_dim_names=("tp",))
+    return init_device_mesh(device_type, (dp, parallel.tp), mesh_dim_names=("dp", "tp"))
+
+
+def mesh_dim(mesh: DeviceMesh, name: str) -> DeviceMesh | None:
+    """The named 1-D sub-mesh, or None when the mesh has no such dimension."""
+    if mesh.mesh_dim_names is None or name not in mesh.mesh_dim_names:
+        return None
+    return mesh if mesh.ndim == 1 else mesh[name]
+
+
+def _replicate_on(module: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Replicated parameters for a module that sees replicated activations (norms without SP).
+
+    Keeps every parameter a DTensor on the tp mesh, so optimizer and grad clipping see one kind.
+    """
+    distribute_module(
+        module,
+        tp_mesh,
+        input_fn=lambda mod, inputs, mesh: tuple(
+            DTensor.from_local(t, mesh, [Replicate()], run_check=False) for t in inputs
+        ),
+        output_fn=lambda mod, output, mesh: output.to_local(),
+    )
+
+
+def apply_tensor_parallel(model: ArgonneModel, tp_mesh: DeviceMesh, sequence_parallel: bool, vocab_parallel_loss: bool) -> None:
+    """The TP plan: module name -> ParallelStyle (see TENSOR_PARALLEL_USAGE.md for the table)."""
+    between_blocks = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            # Vocab-sharded embedding: each rank looks up its rows, the partial sums are reduced
+            # (reduce-scatter onto the sequence dim under SP).
+            "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks),
+            # Vocab-sharded logits: with loss_parallel no rank materializes all 151,665 columns.
+            "lm_head": ColwiseParallel(
+                input_layouts=between_blocks,
+                output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(),
+                use_local_output=not vocab_parallel_loss,
+            ),
+        },
+    )
+    block_plan = {
+        "attn": PrepareModuleInput(
+            input_layouts=(between_blocks, None, None), desired_input_layouts=(Replicate(), None, None)
+        ),
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(output_layouts=between_blocks),
+        "mlp": PrepareModuleInput(input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),)),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
+    }
+    norms = ["attn_norm", "mlp_norm"]
+    if sequence_parallel:
+        block_plan.update({name: SequenceParallel() for name in norms})
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
+    else:
+        _replicate_on(model.norm, tp_mesh)
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, block_plan)
+        if not sequence_parallel:
+            for name in norms:
+                _replicate_on(getattr(block, name), tp_mesh)
+    # parallelize_module gave embed and lm_head a DTensor each; both are Shard(0) over the vocab,
+    # so one parameter serves both again.
+    model.tie_weights()
+    model.vocab_sharded_logits = vocab_parallel_loss
+
+
+# Outputs worth keeping in selective (op-level) checkpointing: the expensive matmuls and
+# attention. Everything else (norms, activations, rotary) is recomputed in backward.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: ArgonneModel, mode: str, every: int) -> None:
+    """none | full (recompute each block) | selective (save matmul outputs, or every N-th block)."""
+    if mode == "none":
+        return
+    for index, block in enumerate(model.layers):
+        if mode == "full" or (mode == "selective" and every > 0 and index % every == 0):
+            model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif mode == "selective" and every == 0:
+            context = partial(create_selective_checkpoint_contexts, _save_matmuls_policy)
+            model.layers[index] = checkpoint_wrapper(block, context_fn=context, preserve_rng_state=False)
+
+
+def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+    """FSDP2 per block, then the root (embedding, final norm and the tied lm_head)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def _check_sequence_length(tp: int, module, args) -> None:
+    seq = args[0].shape[1]
+    if seq % tp:
+        raise ConfigError(
+            f"sequence length {seq} is not divisible by the tensor-parallel degree {tp}, which "
+            "sequence parallelism requires: change data.seq_len or set parallel.sequence_parallel=false"
+        )
+
+
+def parallelize(
+    model: ArgonneModel,
+    mesh: DeviceMesh,
+    parallel: ParallelConfig,
+    param_dtype: torch.dtype = torch.float32,
+) -> ArgonneModel:
+    """Apply TP (+SP, vocab-parallel embedding / loss), activation checkpointing, compile and FSDP2.
+
+    ``param_dtype`` is the dtype FSDP2 gathers parameters in for compute (bf16 for mixed
+    precision); master weights stay fp32. Pure TP relies on autocast for the same effect.
+    """
+    tp_mesh, dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
+    tp = tp_mesh.size() if tp_mesh is not None else 1
+    if tp != parallel.tp:
+        raise ConfigError(f"mesh tp size {tp} differs from parallel.tp={parallel.tp}")
+    check_tp_divides(model.config, tp)
+    if tp > 1:
+        apply_tensor_parallel(model, tp_mesh, parallel.sequence_parallel, parallel.loss_parallel)
+        if parallel.sequence_parallel:
+            model.register_forward_pre_hook(partial(_check_sequence_length, tp))
+    apply_activation_checkpointing(model, parallel.activation_checkpoint, parallel.ac_every)
+    if parallel.compile:
+        for block in model.layers:
+            block.compile()
+    if dp_mesh is not None and dp_mesh.size() > 1:
+        apply_fsdp(model, dp_mesh, param_dtype)
+    return model
+
+
+def loss_context(model: nn.Module):
+    """``loss_parallel()`` when the logits come out vocab-sharded; forward and backward of the loss go inside."""
+    return loss_parallel() if getattr(model, "vocab_sharded_logits", False) else contextlib.nullcontext()

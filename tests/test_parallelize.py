@@ -1,0 +1,240 @@
+"""Tensor parallel (+SP, vocab-parallel loss), FSDP2 x TP and activation checkpointing against one device.
+
+One spawn of 4 gloo ranks runs every case (spawning is the slow part); each test asserts on its
+case's measurements.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from argonne_dt.config import ConfigError, ParallelConfig
+from argonne_dt.model import ArgonneModel, cross_entropy_loss
+from argonne_dt.parallelize import build_mesh, loss_context, parallelize
+from conftest import odd_model_config
+from distributed import run_distributed
+
+# 8 query / 4 kv heads of 18 dims: TP 4 holds 2 / 1; vocab 1001 is divisible by neither 2 nor 4.
+MODEL = dict(vocab_size=1001, hidden_size=144, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=18)
+BATCH, SEQ = 4, 16
+CASES = {
+    # name: (mesh shape, parallel config, apply FSDP over "dp"?)
+    "tp4": ((4,), dict(tp=4)),
+    "tp2": ((2, 2), dict(tp=2)),
+    "tp2_no_sp_no_loss_parallel": ((2, 2), dict(tp=2, sequence_parallel=False, loss_parallel=False)),
+    "dp2_tp2": ((2, 2), dict(tp=2, dp=2)),
+    "dp4_tp1": ((4, 1), dict(tp=1, dp=4)),
+    "tp2_ac_full": ((2, 2), dict(tp=2, activation_checkpoint="full")),
+    "tp2_ac_selective_ops": ((2, 2), dict(tp=2, activation_checkpoint="selective")),
+    "tp2_ac_every_2nd": ((2, 2), dict(tp=2, activation_checkpoint="selective", ac_every=2)),
+    "dp2_tp2_ac_full": ((2, 2), dict(tp=2, dp=2, activation_checkpoint="full")),
+}
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _mesh(shape):
+    names = ("tp",) if len(shape) == 1 else ("dp", "tp")
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def _run_case(shape, parallel_kwargs) -> dict:
+    parallel = ParallelConfig(**parallel_kwargs)
+    mesh = _mesh(shape)
+    torch.manual_seed(0)
+    reference = ArgonneModel(odd_model_config(**MODEL))
+    model = parallelize(copy.deepcopy(reference), mesh if parallel.dp > 1 else mesh["tp"] if len(shape) > 1 else mesh, parallel)
+    tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    dp = parallel.dp if parallel.dp > 1 else 1
+    dp_rank = mesh.get_local_rank("dp") if dp > 1 else 0
+    local = tokens.chunk(dp)[dp_rank]
+
+    ref_loss = cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:])
+    ref_loss.backward()
+    with torch.no_grad():
+        ref_local_loss = cross_entropy_loss(reference(local[:, :-1]), local[:, 1:])
+    with loss_context(model):
+        loss = cross_entropy_loss(model(local[:, :-1]), local[:, 1:])
+        loss.backward()
+
+    ref_params = dict(reference.named_parameters())
+    grad_errors = {_clean(n): _max_rel_err(_full(p.grad), ref_params[_clean(n)].grad) for n, p in model.named_parameters()}
+    local_shapes = {_clean(n): tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
+                    for n, p in model.named_parameters()}
+    tied_before = model.lm_head.weight is model.embed.weight
+
+    for m in (reference, model):
+        # eps near the gradient scale keeps the update a function of the gradient's size, not just its
+        # sign (the first Adam step is sign(g) for eps -> 0), so a wrongly scaled gradient shows.
+        torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, foreach=True).step()
+    param_errors = {_clean(n): _max_rel_err(_full(p.detach()), ref_params[_clean(n)].detach())
+                    for n, p in model.named_parameters()}
+    return {
+        "loss_error": abs(_full(loss).item() - ref_local_loss.item()),
+        "grad_errors": grad_errors,
+        "param_errors": param_errors,
+        "param_names": sorted(_clean(n) for n, _ in model.named_parameters()),
+        "tied": tied_before and model.lm_head.weight is model.embed.weight,
+        "local_shapes": local_shapes,
+    }
+
+
+def _bf16_dtypes(shape, parallel_kwargs) -> dict:
+    """Output dtypes of matmuls and the dtype of the master weights under bf16 autocast."""
+    parallel = ParallelConfig(**parallel_kwargs)
+    mesh = _mesh(shape)
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), mesh if parallel.dp > 1 else mesh["tp"], parallel)
+    seen = {}
+    for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
+        model.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, str(out.dtype))
+        )
+    tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ + 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model):
+        loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+    seen["master_weights"] = sorted({str(p.dtype) for p in model.parameters()})
+    return seen
+
+
+def _errors() -> dict:
+    mesh = _mesh((4,))
+    messages = {}
+    bad_heads = ArgonneModel(odd_model_config(**{**MODEL, "num_kv_heads": 2}))
+    try:
+        parallelize(bad_heads, mesh, ParallelConfig(tp=4))
+    except ConfigError as err:
+        messages["kv_heads"] = str(err)
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), mesh, ParallelConfig(tp=4))
+    try:
+        model(torch.zeros(1, 18, dtype=torch.long))
+    except ConfigError as err:
+        messages["seq_len"] = str(err)
+    return messages
+
+
+def _all_cases() -> dict:
+    results = {name: _run_case(shape, kwargs) for name, (shape, kwargs) in CASES.items()}
+    results["bf16_tp2"] = _bf16_dtypes((2, 2), dict(tp=2))
+    results["bf16_dp2_tp2"] = _bf16_dtypes((2, 2), dict(tp=2, dp=2))
+    results["errors"] = _errors()
+    return results
+
+
+@pytest.fixture(scope="module")
+def per_rank() -> list[dict]:
+    return run_distributed(_all_cases, 4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_gradients_and_step_match_single_device(per_rank, case):
+    reference_names = sorted(n for n, _ in ArgonneModel(odd_model_config(**MODEL)).named_parameters())
+    for rank, results in enumerate(per_rank):
+        r = results[case]
+        assert r["param_names"] == reference_names
+        assert r["loss_error"] < 1e-5, (rank, r["loss_error"])
+        worst = max(r["grad_errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-4, (rank, worst)
+        worst = max(r["param_errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-5, (rank, worst)
+        assert r["tied"], "embedding and lm_head must stay one parameter"
+
+
+def test_tp4_local_shards(per_rank):
+    # vocab 1001 over 4 ranks: torch.chunk gives 251, 251, 251, 248 rows.
+    vocab_rows = [251, 251, 251, 248]
+    for rank, results in enumerate(per_rank):
+        shapes = results["tp4"]["local_shapes"]
+        assert shapes["embed.weight"] == (vocab_rows[rank], 144)
+        assert shapes["layers.0.attn.q_proj.weight"] == (2 * 18, 144)  # 2 of 8 query heads
+        assert shapes["layers.0.attn.k_proj.weight"] == (1 * 18, 144)  # 1 of 4 kv heads
+        assert shapes["layers.0.attn.o_proj.weight"] == (144, 2 * 18)
+        assert shapes["layers.1.mlp.gate_proj.weight"] == (512 // 4, 144)
+        assert shapes["layers.1.mlp.down_proj.weight"] == (144, 512 // 4)
+        assert shapes["layers.1.mlp_norm.weight"] == (144,)
+
+
+@pytest.mark.parametrize("case", ["bf16_tp2", "bf16_dp2_tp2"])
+def test_bf16_autocast_reaches_tensor_parallel_matmuls(per_rank, case):
+    for results in per_rank:
+        seen = results[case]
+        assert seen["layers.0.attn.q_proj"] == seen["layers.1.mlp.down_proj"] == "torch.bfloat16"
+        assert seen["lm_head"] == "torch.bfloat16"
+        assert seen["master_weights"] == ["torch.float32"]
+
+
+def test_errors_name_the_values(per_rank):
+    messages = per_rank[0]["errors"]
+    assert "tensor-parallel degree 4" not in messages["kv_heads"]  # raised by the shared config check
+    assert "parallel.tp=4 must divide model.num_kv_heads=2" in messages["kv_heads"]
+    assert "sequence length 18 is not divisible by the tensor-parallel degree 4" in messages["seq_len"]
+
+
+def test_world_size_must_equal_dp_times_tp():
+    with pytest.raises(ConfigError, match=r"world size 4 must equal parallel.dp \* parallel.tp = 3 \* 2"):
+        build_mesh(ParallelConfig(tp=2, dp=3), 4, "cpu")
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp=4"):
+        build_mesh(ParallelConfig(tp=4), 6, "cpu")
+
+
+def _usage_table() -> dict[str, tuple[str, str]]:
+    """Rows of the TP table in TENSOR_PARALLEL_USAGE.md: parameter -> (full shape, local shape cell)."""
+    text = (Path(__file__).parents[1] / "TENSOR_PARALLEL_USAGE.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"\| `([\w.*]+)`[^|]* \| [^|]+ \| (\([\d, ]+\)) \| ([^|]+) \|", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), match.group(3))
+    return rows
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text))
+
+
+@pytest.mark.parametrize("rank", [0, 7])
+def test_4b9_tp8_local_shards_match_the_usage_table(rank):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from argonne_dt.config import load_config
+
+    cfg = load_config("4b9.toml")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+    try:
+        with torch.device("meta"):
+            model = ArgonneModel(cfg.model)
+        parallelize(model, build_mesh(cfg.parallel, 8, "cpu"), cfg.parallel)
+        local = {_clean(n): (tuple(p.shape), tuple(p.to_local().shape)) for n, p in model.named_parameters()}
+        total_local = sum(p.to_local().numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+    table = _usage_table()
+    assert len(table) == 11
+    for name, (full, local_cell) in table.items():
+        pattern = re.compile(name.replace(".", r"\.").replace("*", r"\d+") + r"$")
+        matches = [n for n in local if pattern.match(n)]
+        assert matches, name
+        cells = re.findall(r"\(([\d, ]+)\)", local_cell)
+        expected_local = _shape(cells[-1] if rank == 7 and len(cells) > 1 else cells[0])
+        for n in matches:
+            assert local[n] == (_shape(full), expected_local), n
+    if rank == 0:
+        assert f"**{total_local:,}**" in (Path(__file__).parents[1] / "TENSOR_PARALLEL_USAGE.md").read_text()
