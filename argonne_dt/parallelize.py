@@ -1,9 +1,9 @@
 """Make the plain model parallel: DeviceMesh, the tensor-parallel plan, FSDP2, activation checkpointing.
 
-Order of application (as in torchtitan): tensor parallel -> activation checkpointing -> compile ->
-FSDP2. The model module itself is never edited for parallelism; styles from
-``torch.distributed.tensor.parallel`` replace its parameters with DTensors and insert the
-(autograd-aware) collectives at module boundaries.
+Order of application: tensor parallel -> compile -> activation checkpointing -> FSDP2. The model
+module itself is never edited for parallelism; styles from ``torch.distributed.tensor.parallel``
+replace its parameters with DTensors and insert the (autograd-aware) collectives at module
+boundaries.
 """
 
 from __future__ import annotations
@@ -141,6 +141,17 @@ def apply_activation_checkpointing(model: ArgonneModel, mode: str, every: int) -
             model.layers[index] = checkpoint_wrapper(block, context_fn=context, preserve_rng_state=False)
 
 
+def compile_blocks(model: ArgonneModel) -> None:
+    """torch.compile the attention and MLP of every block, in place (parameter names unchanged).
+
+    The norms stay eager: under sequence parallelism the compiled backward of a
+    ``SequenceParallel`` norm hands a plain tensor to DTensor's redistribute (torch 2.13).
+    """
+    for block in model.layers:
+        block.attn.compile()
+        block.mlp.compile()
+
+
 def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
     """FSDP2 per block, then the root (embedding, final norm and the tied lm_head)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -178,10 +189,9 @@ def parallelize(
         apply_tensor_parallel(model, tp_mesh, parallel.sequence_parallel, parallel.loss_parallel)
         if parallel.sequence_parallel:
             model.register_forward_pre_hook(partial(_check_sequence_length, tp))
-    apply_activation_checkpointing(model, parallel.activation_checkpoint, parallel.ac_every)
     if parallel.compile:
-        for block in model.layers:
-            block.compile()
+        compile_blocks(model)
+    apply_activation_checkpointing(model, parallel.activation_checkpoint, parallel.ac_every)
     if dp_mesh is not None and dp_mesh.size() > 1:
         apply_fsdp(model, dp_mesh, param_dtype)
     return model

@@ -36,6 +36,7 @@ CASES = {
     "tp2_ac_selective_ops": ((2, 2), dict(tp=2, activation_checkpoint="selective")),
     "tp2_ac_every_2nd": ((2, 2), dict(tp=2, activation_checkpoint="selective", ac_every=2)),
     "dp2_tp2_ac_full": ((2, 2), dict(tp=2, dp=2, activation_checkpoint="full")),
+    "tp2_compile_ac_full": ((2, 2), dict(tp=2, compile=True, activation_checkpoint="full")),
 }
 
 
