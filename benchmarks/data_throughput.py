@@ -1,0 +1,59 @@
+"""Tokens/s of the full data pipeline (read, filter, tokenize, pack, batch) on the sample corpus.
+
+    python benchmarks/data_throughput.py [--workers 1 2 4] [--tokens 2000000] [--json out.json]
+
+Compared with what 4b9 on 8 x A100 consumes: 8 * 312e12 * 0.5 / flops_per_token(4096) ~ 36K tokens/s.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from argonne_dt.config import DataConfig, load_config
+from argonne_dt.data import build_data_loader
+from argonne_dt.model import ArgonneModel
+
+
+def consumption_rate_4b9(gpus: int = 8, peak_flops: float = 312e12, mfu: float = 0.5) -> float:
+    cfg = load_config("4b9.toml")
+    with torch.device("meta"):
+        model = ArgonneModel(cfg.model)
+    return gpus * peak_flops * mfu / model.flops_per_token(cfg.data.seq_len)
+
+
+def measure(workers: int, tokens: int, seq_len: int, batch: int) -> dict:
+    cfg = DataConfig(seq_len=seq_len, num_workers=workers, prefetch=4)
+    loader = build_data_loader(cfg, batch)
+    it = iter(loader)
+    next(it)  # tokenizer load, thread start-up and the corpus build stay out of the timing
+    start, seen = time.perf_counter(), 0
+    while seen < tokens:
+        seen += next(it)["input"].numel()
+    elapsed = time.perf_counter() - start
+    return {"workers": workers, "tokens": seen, "seconds": elapsed, "tokens_per_s": seen / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    need = consumption_rate_4b9()
+    rows = [measure(w, args.tokens, args.seq_len, args.batch) for w in args.workers]
+    print(f"4b9 on 8 x A100 at 50% MFU consumes {need:,.0f} tokens/s")
+    print(f"{'workers':>8} {'tokens/s':>12} {'x needed':>9}")
+    for row in rows:
+        row["ratio_to_4b9_need"] = row["tokens_per_s"] / need
+        print(f"{row['workers']:>8} {row['tokens_per_s']:>12,.0f} {row['ratio_to_4b9_need']:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"needed_tokens_per_s": need, "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

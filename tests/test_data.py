@@ -1,0 +1,274 @@
+import logging
+import random
+from itertools import islice
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from argonne_dt.config import DataConfig
+from argonne_dt.corpus import FINEWEB_SCHEMA, convert_to_shards, sample_corpus, write_shards
+from argonne_dt.data import (
+    DataError,
+    ParquetDocumentReader,
+    QualityFilterTokenizer,
+    build_data_loader,
+    expand_paths,
+)
+from argonne_dt.tokenizer import load_tokenizer
+
+WORDS = "the model reads packed tokens from parquet shards and every rank sees its own part of data".split()
+
+
+def documents(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 120))) for i in range(count)]
+
+
+def write_parquet(path, texts, row_group_size=8, binary=False):
+    column_type = pa.binary() if binary else pa.string()
+    table = pa.table({"text": pa.array(texts, type=column_type), "id": [str(i) for i in range(len(texts))]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three files of 40, 25 and 33 documents in row groups of 8 (mid-file and mid-group cuts exist)."""
+    docs = documents(98)
+    files = [
+        write_parquet(tmp_path / "part-2.parquet", docs[:40]),
+        write_parquet(tmp_path / "part-10.parquet", docs[65:]),
+        write_parquet(tmp_path / "part-3.parquet", docs[40:65]),
+    ]
+    return files, docs
+
+
+def config(**overrides) -> DataConfig:
+    values = dict(seq_len=31, num_workers=2, prefetch=2, tokenize_batch_size=3, min_tokens=1)
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def batches(loader, count):
+    return [b for b in islice(iter(loader), count)]
+
+
+def test_natural_order_of_files(shards, tmp_path):
+    files = expand_paths([str(tmp_path / "*.parquet")])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-2.parquet", "part-3.parquet", "part-10.parquet"]
+    assert expand_paths([str(tmp_path)]) == files
+    with pytest.raises(DataError, match="matches no file"):
+        expand_paths([str(tmp_path / "nothing-*.parquet")])
+
+
+def test_bos_eos_packing_and_shift(shards, tmp_path):
+    files, docs = shards
+    cfg = config(loop=False)
+    tok = load_tokenizer("qwen2.5")
+    bos, eos = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ordered = docs[:40] + docs[40:65] + docs[65:]  # natural file order: part-2, part-3, part-10
+    stream = []
+    for text in ordered:
+        stream += [bos] + tok(text, add_special_tokens=False)["input_ids"] + [eos]
+    got = batches(build_data_loader(cfg, micro_batch_size=2, files=expand_paths([str(tmp_path)])), 10_000)
+    windows = [torch.cat([b["input"], b["target"][:, -1:]], dim=1) for b in got]
+    flat = torch.cat(windows).reshape(-1).tolist()
+    window = cfg.seq_len + 1
+    # Every document is there, in order, cut into windows of seq_len + 1; only the tail is lost.
+    assert len(flat) == (len(stream) // (2 * window)) * 2 * window
+    assert flat == stream[: len(flat)]
+    for b in got:
+        assert b["input"].shape == b["target"].shape == (2, cfg.seq_len)
+        assert torch.equal(b["input"][:, 1:], b["target"][:, :-1])
+    assert got[-1]["documents"] <= len(docs)
+
+
+def test_quality_filter_rules_and_counts():
+    cfg = config(min_tokens=10)
+    f = QualityFilterTokenizer(cfg)
+    digits = "1234567890 " * 10
+    symbols = "#$%&*(){}[]<>|~^" * 5 + "abc"
+    short_digits = "12345678901234567890"  # <= 50 chars: ratio rules do not apply
+    assert f.rejects(None) == f.rejects("") == f.rejects(" \n\t ") == "empty"
+    assert f.rejects(digits) == "digit_ratio"
+    assert f.rejects(symbols) == "alpha_space_ratio"
+    assert f.rejects(short_digits) is None
+    good = " ".join(WORDS)
+    out = f([None, "", digits, symbols, short_digits, "too short", good])
+    # Qwen splits digits one per token: the short digit string has 20 tokens and stays.
+    assert out.dropped == {"empty": 2, "digit_ratio": 1, "alpha_space_ratio": 1, "too_few_tokens": 1}
+    assert len(out.docs) == 2 and all(d[0] == 151644 and d[-1] == 151645 for d in out.docs)
+    no_markers = QualityFilterTokenizer(config(add_bos=False, add_eos=False, min_tokens=1))([good])
+    assert no_markers.docs[0] == load_tokenizer("qwen2.5")(good, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9, 23])
+def test_exact_resume_with_prefetch_and_parallel_tokenization(shards, cut):
+    files, _ = shards
+    cfg = config(loop=True)  # 23 batches of 2 x 32 tokens cross an epoch boundary
+    uninterrupted = batches(build_data_loader(cfg, 2, files=files), cut + 12)
+    first = build_data_loader(cfg, 2, files=files)
+    it = iter(first)
+    for _ in range(cut):
+        next(it)
+    state = first.state_dict()
+    resumed = build_data_loader(cfg, 2, files=files)
+    resumed.load_state_dict(state)
+    after = batches(resumed, 12)
+    for expected, got in zip(uninterrupted[cut:], after):
+        assert torch.equal(expected["input"], got["input"]) and torch.equal(expected["target"], got["target"])
+        assert expected["dropped"] == got["dropped"] and expected["documents"] == got["documents"]
+
+
+def test_resume_mid_document_with_long_documents(tmp_path):
+    long_docs = [" ".join(documents(1, seed=s)[0] for _ in range(6)) for s in range(4)]
+    files = [write_parquet(tmp_path / "long.parquet", long_docs, row_group_size=2)]
+    cfg = config(seq_len=15, loop=True)
+    reference = batches(build_data_loader(cfg, 1, files=files), 40)
+    loader = build_data_loader(cfg, 1, files=files)
+    it = iter(loader)
+    for _ in range(7):
+        next(it)
+    state = loader.state_dict()
+    assert len(state_pending(state)) > 0  # really mid-document
+    again = build_data_loader(cfg, 1, files=files)
+    again.load_state_dict(state)
+    assert all(torch.equal(a["input"], b["input"]) for a, b in zip(reference[7:], batches(again, 33)))
+
+
+def state_pending(state):
+    """The packer's pending tokens, found in the nested torchdata state."""
+    stack = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "pending" in node:
+                return node["pending"]
+            stack.extend(node.values())
+    raise AssertionError("no packer state")
+
+
+def _rank_texts(files, rank, size):
+    reader = ParquetDocumentReader(files, "text", rank, size, batch_size=5, loop=False, on_bad_shard="error")
+    return [t for batch in reader for t in batch]
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_dp_shares_are_disjoint_and_complete(shards, dp_size):
+    files, docs = shards
+    shares = [_rank_texts(files, rank, dp_size) for rank in range(dp_size)]
+    together = [t for share in shares for t in share]
+    assert sorted(together) == sorted(docs) and len(together) == len(set(together))
+    if dp_size > 1:
+        assert all(share for share in shares)
+
+
+def test_tp_ranks_of_one_dp_group_get_identical_batches(shards):
+    files, _ = shards
+    a, b = (batches(build_data_loader(config(), 2, dp_rank=1, dp_size=2, files=files), 6) for _ in range(2))
+    assert all(torch.equal(x["input"], y["input"]) for x, y in zip(a, b))
+
+
+def test_resume_with_another_dp_size_fails_clearly(shards):
+    files, _ = shards
+    loader = build_data_loader(config(), 2, dp_rank=0, dp_size=2, files=files)
+    batches(loader, 2)
+    state = loader.state_dict()
+    other = build_data_loader(config(), 2, dp_rank=0, dp_size=3, files=files)
+    other.load_state_dict(state)
+    with pytest.raises(DataError, match="saved by dp rank 0 of 2, now dp rank 0 of 3"):
+        next(iter(other))
+
+
+def test_epochs_loop_or_stop(shards):
+    files, docs = shards
+    one_pass = _rank_texts(files, 0, 1)
+    reader = ParquetDocumentReader(files, "text", 0, 1, batch_size=5, loop=True, on_bad_shard="error")
+    texts = [t for batch in islice(reader, 60) for t in batch]  # 26 batches an epoch
+    assert texts[: len(docs)] == one_pass and texts[len(docs) : 2 * len(docs)] == one_pass
+    assert reader.get_state()["epoch"] >= 1
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    good = write_parquet(tmp_path / "a-good.parquet", documents(10))
+    not_parquet = tmp_path / "b-notes.parquet"
+    not_parquet.write_text("this is not a parquet file at all")
+    truncated = tmp_path / "c-truncated.parquet"
+    full = (tmp_path / "full.bin")
+    write_parquet(full, documents(10, seed=5))
+    truncated.write_bytes(full.read_bytes()[:300])
+    last = write_parquet(tmp_path / "d-good.parquet", documents(10, seed=9))
+    return [good, str(not_parquet), str(truncated), last]
+
+
+def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
+    reader = ParquetDocumentReader(bad_files, "text", 0, 1, batch_size=4, loop=False, on_bad_shard="skip")
+    with caplog.at_level(logging.WARNING):
+        texts = [t for batch in reader for t in batch]
+    assert texts == documents(10) + documents(10, seed=9)
+    assert reader.get_state()["bad_shards"] == bad_files[1:3]
+    assert "b-notes.parquet" in caplog.text and "c-truncated.parquet" in caplog.text
+
+
+def test_bad_shard_stops_the_run_when_configured(bad_files):
+    reader = ParquetDocumentReader(bad_files, "text", 0, 1, batch_size=4, loop=False, on_bad_shard="error")
+    with pytest.raises(DataError, match=r"b-notes.parquet: unreadable parquet shard .*data.on_bad_shard=skip"):
+        list(reader)
+
+
+def test_missing_text_column_names_file_and_columns(tmp_path):
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"content": ["x"], "id": ["1"]}), path)
+    with pytest.raises(DataError, match=r"other.parquet: no column 'text' \(columns: content, id\)"):
+        list(ParquetDocumentReader([str(path)], "text", 0, 1, 4, False, "skip"))
+
+
+def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
+    raw = [b"valid text about the model " * 3, b"broken \xff\xfe bytes in the middle of a sentence here", None]
+    path = write_parquet(tmp_path / "bytes.parquet", raw, binary=True)
+    texts = [t for batch in ParquetDocumentReader([path], "text", 0, 1, 4, False, "error") for t in batch]
+    assert texts[1] == "broken \ufffd\ufffd bytes in the middle of a sentence here" and texts[2] is None
+    got = batches(build_data_loader(config(seq_len=7, loop=False), 1, files=[path]), 100)
+    assert got and got[-1]["dropped"] == {"empty": 1}
+
+
+def test_a_10mb_document_streams_into_windows(tmp_path):
+    rng = random.Random(0)
+    huge = " ".join(rng.choice(WORDS) for _ in range(1_900_000))
+    assert len(huge) > 10_000_000
+    path = write_parquet(tmp_path / "huge.parquet", [huge, "a small second document of text"], row_group_size=1)
+    loader = build_data_loader(config(seq_len=4095, loop=False, prefetch=1), 4, files=[path])
+    first = batches(loader, 3)
+    assert [b["input"].shape for b in first] == [(4, 4095)] * 3
+    assert first[0]["input"][0, 0].item() == 151644  # BOS of the big document
+    state = loader.state_dict()
+    assert len(state_pending(state)) > 1_000_000  # the rest of the document waits, packed lazily
+
+
+def test_sample_corpus_is_fineweb_parquet_and_cached(tmp_path):
+    path = sample_corpus(tmp_path, max_files=60)
+    shards_found = sorted(path.glob("*.parquet"))
+    assert shards_found
+    meta = pq.ParquetFile(shards_found[0])
+    assert meta.schema_arrow.equals(FINEWEB_SCHEMA) and meta.num_row_groups > 1
+    stamp = (path / "COMPLETE").stat().st_mtime_ns
+    assert sample_corpus(tmp_path, max_files=60) == path and (path / "COMPLETE").stat().st_mtime_ns == stamp
+    again = sample_corpus(tmp_path / "other", max_files=60)
+    first_texts = pq.read_table(shards_found[0]).column("text").to_pylist()
+    assert first_texts == pq.read_table(sorted(again.glob("*.parquet"))[0]).column("text").to_pylist()
+
+
+def test_convert_text_jsonl_and_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("a plain text document")
+    (tmp_path / "b.jsonl").write_text('{"text": "first json"}\n\n{"text": "second json"}\n')
+    source = write_parquet(tmp_path / "c.parquet", ["from parquet"])
+    out = convert_to_shards([tmp_path / "a.txt", tmp_path / "b.jsonl", source], tmp_path / "out")
+    table = pq.read_table(out[0])
+    assert table.schema.equals(FINEWEB_SCHEMA)
+    assert table.column("text").to_pylist() == ["a plain text document", "first json", "second json", "from parquet"]
+    (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+        convert_to_shards([tmp_path / "bad.jsonl"], tmp_path / "out2")
