@@ -9,6 +9,8 @@ why attention takes its head count from the tensors it receives, not from the co
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+
+
+LocalView = Callable[[torch.Tensor], tuple[torch.Tensor, Sequence[int], Sequence[int]]]
+_INIT_ROWS_PER_SEED = 256
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def seeded_normal_(out: torch.Tensor, std: float, seed: int, offset: Sequence[int], full_shape: Sequence[int]) -> None:
+    """Fill ``out`` with its block of a deterministic N(0, std) matrix of ``full_shape``.
+
+    The full matrix is defined in bands of 256 rows, each drawn from its own seed, so a rank
+    holding any row or column range draws only the bands it overlaps, and the values are the same
+    whatever the sharding (tensor parallel, FSDP, or one device).
+    """
+    row0, col0 = offset
+    rows, cols = out.shape
+    full_cols = full_shape[1]
+    generator = torch.Generator(device=out.device)
+    for band in range(row0 // _INIT_ROWS_PER_SEED, -(-(row0 + rows) // _INIT_ROWS_PER_SEED)):
+        band_start = band * _INIT_ROWS_PER_SEED
+        band_rows = min(_INIT_ROWS_PER_SEED, full_shape[0] - band_start)
+        generator.manual_seed(seed + band)
+        values = torch.randn(band_rows, full_cols, generator=generator, device=out.device, dtype=torch.float32)
+        lo, hi = max(row0, band_start), min(row0 + rows, band_start + band_rows)
+        out[lo - row0 : hi - row0] = values[lo - band_start : hi - band_start, col0 : col0 + cols].mul_(std)
 
 
 class RMSNorm(nn.Module):
@@ -29,9 +59,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,28 +191,37 @@ class ArgonneModel(nn.Module):
         """One parameter for embedding and lm_head (call again after anything replaces either)."""
         self.lm_head.weight = self.embed.weight
 
+    def init_std(self, name: str) -> float | None:
+        """Std of the normal init of parameter ``name``; None for norm weights (ones)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
+            return self.config.init_std / math.sqrt(2 * self.config.num_layers)
+        return self.config.init_std
+
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int = 0, local_view: LocalView | None = None) -> None:
         """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * layers); norms 1.
 
-        Also recomputes the rotary tables, so a model built on the meta device and then moved with
-        ``to_empty`` (which unties shared parameters) is complete after this call.
+        The values depend only on ``seed`` and the parameter's name, not on how it is sharded:
+        ``local_view(param)`` returns (local tensor, its offset in the full tensor, the full shape)
+        for a sharded parameter, and each rank fills just its block. Also recomputes the rotary
+        tables and the tie, so a model built on the meta device and moved with ``to_empty``
+        (which unties shared parameters) is complete after this call.
         """
         self.tie_weights()
         cfg = self.config
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        for block in self.layers:
-            for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj):
-                nn.init.normal_(proj.weight, std=cfg.init_std)
-            for proj in (block.attn.o_proj, block.mlp.down_proj):
-                nn.init.normal_(proj.weight, std=residual_std)
-            block.attn_norm.reset_parameters()
-            block.mlp_norm.reset_parameters()
-        self.norm.reset_parameters()
+        for name, param in self.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "")
+            local, offset, full_shape = local_view(param) if local_view else (param, (0,) * param.ndim, param.shape)
+            std = self.init_std(name)
+            if std is None:
+                local.fill_(1.0)
+            else:
+                seeded_normal_(local, std, _name_seed(seed, name), offset, full_shape)
 
     def forward(
         self,

@@ -9,6 +9,7 @@ boundaries.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -17,6 +18,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -169,16 +171,37 @@ def _check_sequence_length(tp: int, module, args) -> None:
         )
 
 
+def _local_view(param: torch.Tensor):
+    if isinstance(param, DTensor):
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return param.to_local(), offset, param.shape
+    return param, (0,) * param.ndim, param.shape
+
+
+def materialize(model: ArgonneModel, device: torch.device | str, seed: int) -> None:
+    """Allocate a meta-device (tensor-parallel) model on ``device`` and initialize it shard by shard.
+
+    Each rank draws only its own block of every parameter (``ArgonneModel.init_weights`` with a
+    local view), so no rank ever holds a full copy, and the values equal a single-device init
+    with the same seed.
+    """
+    model.to_empty(device=device)
+    model.init_weights(seed, _local_view)
+
+
 def parallelize(
     model: ArgonneModel,
     mesh: DeviceMesh,
     parallel: ParallelConfig,
     param_dtype: torch.dtype = torch.float32,
+    before_fsdp: Callable[[ArgonneModel], None] | None = None,
 ) -> ArgonneModel:
-    """Apply TP (+SP, vocab-parallel embedding / loss), activation checkpointing, compile and FSDP2.
+    """Apply TP (+SP, vocab-parallel embedding / loss), compile, activation checkpointing and FSDP2.
 
     ``param_dtype`` is the dtype FSDP2 gathers parameters in for compute (bf16 for mixed
     precision); master weights stay fp32. Pure TP relies on autocast for the same effect.
+    ``before_fsdp`` runs once tensor parallelism is applied and before FSDP2 shards further: the
+    place to materialize a meta-device model (``partial(materialize, device=..., seed=...)``).
     """
     tp_mesh, dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
     tp = tp_mesh.size() if tp_mesh is not None else 1
@@ -192,6 +215,8 @@ def parallelize(
     if parallel.compile:
         compile_blocks(model)
     apply_activation_checkpointing(model, parallel.activation_checkpoint, parallel.ac_every)
+    if before_fsdp is not None:
+        before_fsdp(model)
     if dp_mesh is not None and dp_mesh.size() > 1:
         apply_fsdp(model, dp_mesh, param_dtype)
     return model

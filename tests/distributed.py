@@ -20,7 +20,10 @@ def _free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      # Inductor's graph cache bakes in process-group names; another test's
+                      # groups must not be found there.
+                      TORCHINDUCTOR_CACHE_DIR=os.path.join(out_dir, "inductor"))
     # Two cores shared by several ranks: more intra-op threads only add contention.
     import torch
 

@@ -3,7 +3,7 @@ import torch
 
 from argonne_dt.config import load_config
 from argonne_dt.hf import from_hf_state_dict, llama_config, to_hf_state_dict
-from argonne_dt.model import ArgonneModel, cross_entropy_loss
+from argonne_dt.model import ArgonneModel, cross_entropy_loss, seeded_normal_
 from conftest import odd_model_config
 
 
@@ -36,17 +36,27 @@ def test_init_statistics(odd_config):
 
 def test_meta_init_matches_direct_init(odd_config):
     direct = ArgonneModel(odd_config)
-    torch.manual_seed(3)
-    direct.init_weights()
+    direct.init_weights(seed=3)
     with torch.device("meta"):
         lazy = ArgonneModel(odd_config)
     lazy.to_empty(device="cpu")
-    torch.manual_seed(3)
-    lazy.init_weights()
+    lazy.init_weights(seed=3)
     for (name, a), (_, b) in zip(direct.state_dict().items(), lazy.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(direct.rope_cos, lazy.rope_cos)
     assert lazy.lm_head.weight is lazy.embed.weight
+
+
+def test_init_does_not_depend_on_sharding():
+    full = torch.empty(600, 10)
+    seeded_normal_(full, 0.02, seed=7, offset=(0, 0), full_shape=(600, 10))
+    for rows, cols in [((0, 150), (0, 10)), ((150, 451), (0, 10)), ((451, 600), (3, 8)), ((250, 260), (0, 5))]:
+        block = torch.empty(rows[1] - rows[0], cols[1] - cols[0])
+        seeded_normal_(block, 0.02, seed=7, offset=(rows[0], cols[0]), full_shape=(600, 10))
+        assert torch.equal(block, full[rows[0] : rows[1], cols[0] : cols[1]])
+    other = torch.empty(600, 10)
+    seeded_normal_(other, 0.02, seed=8, offset=(0, 0), full_shape=(600, 10))
+    assert not torch.equal(other, full)
 
 
 def _hf_twin(model: ArgonneModel):

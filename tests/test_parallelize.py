@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from argonne_dt.config import ConfigError, ParallelConfig
 from argonne_dt.model import ArgonneModel, cross_entropy_loss
-from argonne_dt.parallelize import build_mesh, loss_context, parallelize
+from argonne_dt.parallelize import build_mesh, loss_context, materialize, parallelize
 from conftest import odd_model_config
 from distributed import run_distributed
 
@@ -116,6 +117,24 @@ def _bf16_dtypes(shape, parallel_kwargs) -> dict:
     return seen
 
 
+def _materialize_errors(shape, parallel_kwargs) -> float:
+    """Largest difference between a meta-built, shard-by-shard initialized model and a single-device init."""
+    parallel = ParallelConfig(**parallel_kwargs)
+    mesh = _mesh(shape)
+    reference = ArgonneModel(odd_model_config(**MODEL))
+    reference.init_weights(seed=5)
+    with torch.device("meta"):
+        model = ArgonneModel(odd_model_config(**MODEL))
+    model = parallelize(model, mesh if parallel.dp > 1 else mesh["tp"] if len(shape) > 1 else mesh, parallel,
+                        before_fsdp=partial(materialize, device="cpu", seed=5))
+    ref = dict(reference.named_parameters())
+    worst = max((_full(p.detach()) - ref[_clean(n)]).abs().max().item() for n, p in model.named_parameters())
+    tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ))
+    with torch.no_grad(), loss_context(model):
+        logits = _full(model(tokens))
+    return max(worst, (logits - reference(tokens)).abs().max().item()) if model.lm_head.weight is model.embed.weight else float("inf")
+
+
 def _errors() -> dict:
     mesh = _mesh((4,))
     messages = {}
@@ -137,6 +156,10 @@ def _all_cases() -> dict:
     results["bf16_tp2"] = _bf16_dtypes((2, 2), dict(tp=2))
     results["bf16_dp2_tp2"] = _bf16_dtypes((2, 2), dict(tp=2, dp=2))
     results["errors"] = _errors()
+    results["materialize"] = {
+        "tp4": _materialize_errors((4,), dict(tp=4)),
+        "dp2_tp2": _materialize_errors((2, 2), dict(tp=2, dp=2, activation_checkpoint="full")),
+    }
     return results
 
 
@@ -180,6 +203,12 @@ def test_bf16_autocast_reaches_tensor_parallel_matmuls(per_rank, case):
         assert seen["layers.0.attn.q_proj"] == seen["layers.1.mlp.down_proj"] == "torch.bfloat16"
         assert seen["lm_head"] == "torch.bfloat16"
         assert seen["master_weights"] == ["torch.float32"]
+
+
+def test_meta_model_initialized_shard_by_shard_equals_single_device_init(per_rank):
+    for results in per_rank:
+        assert results["materialize"]["tp4"] < 1e-5
+        assert results["materialize"]["dp2_tp2"] < 1e-5
 
 
 def test_errors_name_the_values(per_rank):
