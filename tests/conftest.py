@@ -1,3 +1,7 @@
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -22,3 +26,18 @@ def odd_config() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+WORDS = "the model reads packed tokens from parquet shards and every rank sees its own part of data".split()
+
+
+def documents(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 120))) for i in range(count)]
+
+
+def write_parquet(path, texts, row_group_size=8, binary=False):
+    column_type = pa.binary() if binary else pa.string()
+    table = pa.table({"text": pa.array(texts, type=column_type), "id": [str(i) for i in range(len(texts))]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)

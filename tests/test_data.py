@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from argonne_dt.config import DataConfig
-from argonne_dt.corpus import FINEWEB_SCHEMA, convert_to_shards, sample_corpus, write_shards
+from argonne_dt.corpus import FINEWEB_SCHEMA, convert_to_shards, sample_corpus
 from argonne_dt.data import (
     DataError,
     ParquetDocumentReader,
@@ -17,21 +17,7 @@ from argonne_dt.data import (
     expand_paths,
 )
 from argonne_dt.tokenizer import load_tokenizer
-
-WORDS = "the model reads packed tokens from parquet shards and every rank sees its own part of data".split()
-
-
-def documents(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"doc{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 120))) for i in range(count)]
-
-
-def write_parquet(path, texts, row_group_size=8, binary=False):
-    column_type = pa.binary() if binary else pa.string()
-    table = pa.table({"text": pa.array(texts, type=column_type), "id": [str(i) for i in range(len(texts))]})
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return str(path)
-
+from conftest import WORDS, documents, write_parquet
 
 @pytest.fixture
 def shards(tmp_path):

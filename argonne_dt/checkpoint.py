@@ -1,0 +1,191 @@
+"""Checkpoints with torch.distributed.checkpoint: complete-or-invisible, retention, resharding.
+
+Layout under ``job.dir/checkpoints``::
+
+    step-00000100/        a complete checkpoint (DCP files + .metadata + config.json)
+    step-00000200.tmp/    a save in progress, or one a crash interrupted: never loaded, removed
+
+Every rank writes its own shards into ``step-N.tmp``; DCP writes ``.metadata`` only after all
+ranks have written; then rank 0 renames the directory to ``step-N``. A kill at any moment leaves
+either the previous checkpoints alone or a new complete one. Loading goes through DCP's
+resharding, so a checkpoint saved at one TP / dp layout loads into another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"step-(\d+)")
+_EXTRA = "extra."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into this run; the message says why and what differs."""
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and (p / ".metadata").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest complete one in a run directory or checkpoints directory."""
+    path = Path(path)
+    if (path / ".metadata").exists():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"{path}: no complete checkpoint here (expected .metadata, or checkpoints/step-N/)")
+
+
+class ModelOptimizerState(Stateful):
+    """Model and optimizer state through the distributed state-dict API (DTensor / FSDP aware)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _check_model_shapes(metadata, model: torch.nn.Module, path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)).items()}
+    stored = {k.split(".", 2)[-1]: tuple(m.size) for k, m in metadata.state_dict_metadata.items()
+              if k.startswith("train.model.") and hasattr(m, "size")}
+    differing = [f"{k}: checkpoint {stored.get(k)} vs model {shape}" for k, shape in expected.items() if stored.get(k) != shape]
+    if differing:
+        raise CheckpointError(
+            f"{path}: the checkpoint's model does not match this config ({len(differing)} tensors differ): "
+            + "; ".join(differing[:6])
+        )
+
+
+class Checkpointer:
+    """Saves and restores everything that changes during training (rank-aware, DCP-based).
+
+    A save holds the model and optimizer (``ModelOptimizerState``, sharded by DCP) and ``extras``:
+    picklable values stored as opaque leaves. Extras the same on every rank (``progress``,
+    ``scheduler``) are written once; per-rank extras carry the rank in their key
+    (``data.dp_rank_K``, ``rng.rank_R``), so every rank's is kept.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int, async_save: bool, process_group=None):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.process_group = process_group
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._pending: tuple[Future, Path, Path] | None = None
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step-*.tmp"):  # interrupted saves of an earlier process
+                log.warning("removing incomplete checkpoint %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def latest(self) -> Path | None:
+        found = complete_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def save(self, step: int, train_state: ModelOptimizerState, extras: dict[str, Any], config: dict) -> None:
+        self.wait()
+        # Pickled, an extra is one leaf for DCP whatever its nesting, so loading needs no template.
+        state = {"train": train_state, **{_EXTRA + k: pickle.dumps(v) for k, v in extras.items()}}
+        final = self.root / f"step-{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            if final.exists():  # the same step saved again (e.g. preemption right after a periodic save)
+                shutil.rmtree(final)
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if dist.is_initialized():
+            dist.barrier()
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            self._pending = (future, tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            self._publish(tmp, final)
+
+    def poll(self) -> None:
+        """Publish a finished asynchronous save (call once per step)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until an asynchronous save is written and published."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        future.result()
+        # async_save completes per rank; publishing needs every rank's files written.
+        if dist.is_initialized():
+            dist.barrier(group=self.process_group)
+        self._publish(tmp, final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        if self.rank == 0:
+            tmp.rename(final)
+            log.info("checkpoint saved: %s", final)
+            if self.keep_last > 0:
+                for old in complete_checkpoints(self.root)[: -self.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, train_state: ModelOptimizerState, extras: list[str]) -> dict[str, Any]:
+        """Load model (+ optimizer) in place; return those of the named extras the checkpoint has.
+
+        Per-rank extras absent from the checkpoint (it was saved with another world size) are
+        left out of the result; the caller decides what that means.
+        """
+        started = time.perf_counter()
+        if self.rank == 0:
+            print(f"loading checkpoint {path} ...", flush=True)
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        _check_model_shapes(metadata, train_state.model, path)
+        wanted: dict[str, Any] = {"train": train_state}
+        wanted.update({_EXTRA + k: b"" for k in extras if _EXTRA + k in metadata.state_dict_metadata})
+        try:
+            dcp.load(wanted, checkpoint_id=str(path), process_group=self.process_group)
+        except dcp.CheckpointException as err:
+            raise CheckpointError(f"{path}: cannot load: {err}") from err
+        if self.rank == 0:
+            print(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s", flush=True)
+        return {k[len(_EXTRA):]: pickle.loads(v) for k, v in wanted.items() if k.startswith(_EXTRA)}

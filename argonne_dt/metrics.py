@@ -1,0 +1,107 @@
+"""Console lines, TensorBoard scalars, metrics.jsonl; tokens/s, MFU and memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak per device, FLOP/s (vendor figures, no sparsity).
+PEAK_BF16_FLOPS = {
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "b200": 2250e12,
+    "l40s": 362e12,
+    "a10g": 125e12,
+}
+
+
+def measured_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """What this CPU process does in a bf16 matmul: the CPU's 'peak' for MFU."""
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak bf16 FLOP/s of one device: the known figure for GPUs, a measured matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return flops
+        return 312e12
+    return measured_cpu_peak_flops()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA allocator peak, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+class MetricsLogger:
+    """Writes on rank 0 only: a console line, TensorBoard events under ``tb/`` and ``metrics.jsonl``."""
+
+    def __init__(self, job_dir: str | Path, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        job_dir = Path(job_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (job_dir / "metrics.jsonl").open("a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(job_dir / "tb"))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
+        print(f"step {step:>7} | {line}", flush=True)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            if "loss" in scalars and "tokens_seen" in scalars:
+                # The picture the original project published: loss against tokens.
+                self.writer.add_scalar("train/loss_vs_tokens", scalars["loss"], int(scalars["tokens_seen"]))
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if not self.enabled:
+            return
+        print(f"step {step:>7} | {tag}: {text}", flush=True)
+        self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    if abs(value) >= 100 or value == 0:
+        return f"{value:.1f}"
+    return f"{value:.4g}"

@@ -1,0 +1,257 @@
+"""The training loop: wires config, mesh, model, data, optimizer, checkpoints, metrics and signals."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, resolve_checkpoint
+from .config import Config, validate
+from .data import build_data_loader
+from .metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .model import ArgonneModel, cross_entropy_loss
+from .optim import build_optimizer, build_scheduler, clip_grad_norm_
+from .parallelize import build_mesh, loss_context, materialize, mesh_dim, parallelize
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 / SIGINT ask for a stop at the next step boundary; a second one acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # asked twice: stop waiting for the step boundary
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def init_distributed() -> tuple[torch.device, str]:
+    """Join the torchrun process group (or make a group of one); cuda + nccl when GPUs exist."""
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python launch/train_dt.py`: a world of one
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group(backend)
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    return device, dist.get_backend()
+
+
+def build_model(cfg: Config, mesh, device: torch.device) -> ArgonneModel:
+    """Meta-device model -> tensor parallel -> materialized shard by shard -> FSDP2."""
+    with torch.device("meta"):
+        model = ArgonneModel(cfg.model)
+    param_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    return parallelize(model, mesh, cfg.parallel, param_dtype,
+                       before_fsdp=partial(materialize, device=device, seed=cfg.train.seed))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _all_reduce_max(flags: list[bool], device: torch.device) -> list[bool]:
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) the job described by ``cfg``; returns status, final step and per-step losses.
+
+    ``on_step(step, record)`` is called on every rank after each optimizer step.
+    """
+    device, _ = init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate(cfg, world_size=world)
+    torch.manual_seed(cfg.train.seed + rank)
+    mesh = build_mesh(cfg.parallel, world, device.type)
+    dp_mesh = mesh_dim(mesh, "dp")
+    dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh is not None else (0, 1)
+    job_dir = Path(cfg.job.dir)
+
+    model = build_model(cfg, mesh, device)
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    data = build_data_loader(cfg.data, cfg.train.micro_batch_size, dp_rank, dp_size)
+    # Asynchronous saves run their collectives beside training: on NCCL they need a group of their own.
+    ckpt_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save and device.type == "cuda" else None
+    checkpointer = Checkpointer(job_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save, ckpt_group)
+    train_state = ModelOptimizerState(model, optimizer)
+    progress = Progress()
+    data_key, rng_key = f"data.dp_rank_{dp_rank}", f"rng.rank_{rank}"
+
+    latest = checkpointer.latest()
+    if latest is not None:
+        extras = checkpointer.load(latest, train_state, ["progress", "scheduler", data_key, rng_key])
+        progress = Progress(**extras["progress"])
+        scheduler.load_state_dict(extras["scheduler"])
+        if data_key not in extras:
+            raise CheckpointError(f"{latest}: no data position for dp rank {dp_rank} (it was saved with fewer dp ranks)")
+        data.load_state_dict(extras[data_key])
+        if rng_key in extras:
+            _set_rng_state(extras[rng_key], device)
+    elif cfg.checkpoint.initial_load_path:
+        checkpointer.load(resolve_checkpoint(cfg.checkpoint.initial_load_path), ModelOptimizerState(model, None), [])
+
+    def save() -> Path:
+        extras = {"progress": asdict(progress), "scheduler": scheduler.state_dict(),
+                  data_key: data.state_dict(), rng_key: _rng_state(device)}
+        checkpointer.save(progress.step, train_state, extras, cfg.to_dict())
+        return checkpointer.root / f"step-{progress.step:08d}"
+
+    metrics = MetricsLogger(job_dir, cfg.metrics.tensorboard, enabled=rank == 0)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(device) * world
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dp_size
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16"
+                else contextlib.nullcontext())
+    signals = StopSignals()
+    batches = iter(data)
+    losses: dict[int, float] = {}
+    status, last_saved, saved_step = "completed", None, -1
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while progress.step < cfg.train.steps:
+            micro_batches, out_of_data = [], False
+            try:
+                micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+            except StopIteration:
+                out_of_data = True
+            if not cfg.data.loop and _all_reduce_max([out_of_data], device)[0]:
+                status = "data_exhausted"
+                break
+
+            loss_sum = torch.zeros((), device=device)
+            for batch in micro_batches:
+                inputs, targets = batch["input"].to(device), batch["target"].to(device)
+                with autocast, loss_context(model):
+                    loss = cross_entropy_loss(model(inputs), targets) / cfg.train.grad_accum_steps
+                    loss.backward()
+                loss_sum += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            # Every tp rank holds its dp group's loss, so the sum over the world is tp x the sum over
+            # dp ranks, and the mean over dp ranks is that sum / world.
+            dist.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / world
+            finite = math.isfinite(mean_loss) and math.isfinite(grad_norm.item())
+            if finite:
+                optimizer.step()
+                progress.consecutive_nonfinite = 0
+            else:
+                progress.skipped_steps += 1
+                progress.consecutive_nonfinite += 1
+                if rank == 0:
+                    print(f"step {progress.step + 1}: non-finite loss {mean_loss} / grad norm "
+                          f"{grad_norm.item()}: update skipped", flush=True)
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            progress.step += 1
+            progress.tokens_seen += tokens_per_step
+            losses[progress.step] = mean_loss
+            checkpointer.poll()
+            if progress.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
+                newest = checkpointer.latest()
+                raise TrainingError(
+                    f"{progress.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient norm "
+                    f"(up to step {progress.step}; train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                    f"the last good checkpoint is {newest or 'none yet'}"
+                )
+
+            window_steps += 1
+            record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_seen": progress.tokens_seen}
+            if progress.step % cfg.metrics.log_every == 0 or progress.step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                record.update(
+                    tokens_per_s=tokens_per_s,
+                    tokens_per_s_per_rank=tokens_per_s / world,
+                    mfu=flops_per_token * tokens_per_s / peak,
+                    memory_gib=peak_memory_gib(device),
+                    skipped_steps=progress.skipped_steps,
+                    **{f"docs_dropped_{k}": v for k, v in micro_batches[-1]["dropped"].items()},
+                )
+                metrics.log(progress.step, record)
+                window_start, window_steps = time.perf_counter(), 0
+            if on_step is not None:
+                on_step(progress.step, record)
+
+            stop = _all_reduce_max([signals.requested], device)[0]
+            every = cfg.checkpoint.every
+            periodic = every and progress.step % every == 0 and progress.consecutive_nonfinite == 0
+            if stop or periodic or progress.step == cfg.train.steps:
+                last_saved, saved_step = save(), progress.step
+            if stop:
+                status = "preempted"
+                break
+        if saved_step != progress.step:
+            last_saved = save()
+        checkpointer.wait()
+    finally:
+        signals.restore()
+        metrics.close()
+    if rank == 0:
+        print(f"{status} at step {progress.step}; checkpoint {last_saved}", flush=True)
+    return {"status": status, "step": progress.step, "losses": losses, "checkpoint": str(last_saved),
+            "skipped_steps": progress.skipped_steps}
