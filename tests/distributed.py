@@ -7,6 +7,7 @@ import pickle
 import socket
 import tempfile
 import traceback
+from datetime import timedelta
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,7 +19,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, out_dir: str, timeout_s: float, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       # Inductor's graph cache bakes in process-group names; another test's
@@ -28,7 +29,8 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     import torch
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A rank that waits longer than this for its peers fails instead of hanging the test run.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         result = ("ok", fn(*args))
     except BaseException:  # reported to the parent, which raises
@@ -38,10 +40,10 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args) -> list:
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 120) -> list:
     """Call ``fn(*args)`` on ``world_size`` CPU ranks (gloo); return the per-rank results."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, fn, args),
+        mp.start_processes(_entry, args=(world_size, _free_port(), out_dir, timeout_s, fn, args),
                            nprocs=world_size, start_method="spawn")
         results = []
         for rank in range(world_size):

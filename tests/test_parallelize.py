@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from argonne_dt.config import ConfigError, ParallelConfig
 from argonne_dt.model import ArgonneModel, cross_entropy_loss
+from argonne_dt.optim import clip_grad_norm_
 from argonne_dt.parallelize import build_mesh, loss_context, materialize, parallelize
 from conftest import odd_model_config
 from distributed import run_distributed
@@ -82,6 +83,9 @@ def _run_case(shape, parallel_kwargs) -> dict:
     local_shapes = {_clean(n): tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
                     for n, p in model.named_parameters()}
     tied_before = model.lm_head.weight is model.embed.weight
+    # Clipping must see the global norm (every shard, every rank), not a rank's local one.
+    norm = clip_grad_norm_(list(model.parameters()), max_norm=1e9).item()
+    ref_norm = clip_grad_norm_(list(reference.parameters()), max_norm=1e9).item()
 
     for m in (reference, model):
         # eps near the gradient scale keeps the update a function of the gradient's size, not just its
@@ -91,6 +95,7 @@ def _run_case(shape, parallel_kwargs) -> dict:
                     for n, p in model.named_parameters()}
     return {
         "loss_error": abs(_full(loss).item() - ref_local_loss.item()),
+        "grad_norm_error": abs(norm - ref_norm) / ref_norm,
         "grad_errors": grad_errors,
         "param_errors": param_errors,
         "param_names": sorted(_clean(n) for n, _ in model.named_parameters()),
@@ -175,6 +180,7 @@ def test_loss_gradients_and_step_match_single_device(per_rank, case):
         r = results[case]
         assert r["param_names"] == reference_names
         assert r["loss_error"] < 1e-5, (rank, r["loss_error"])
+        assert r["grad_norm_error"] < 1e-5, (rank, r["grad_norm_error"])
         worst = max(r["grad_errors"].items(), key=lambda kv: kv[1])
         assert worst[1] < 1e-4, (rank, worst)
         worst = max(r["param_errors"].items(), key=lambda kv: kv[1])

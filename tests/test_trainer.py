@@ -154,3 +154,73 @@ def _resume_one_step_from(tmp: str, corpus: str, source: str, tp: int) -> dict:
     step = int(Path(source).name.split("-")[1])
     return _train(make_config(job, corpus, **{"parallel.tp": tp, "train.grad_accum_steps": 2}),
                   on_step=_sigterm_at(step + 1))
+
+
+def _run_world4_jobs(tmp: str, corpus: str, tp2_source: str) -> dict:
+    """TP 4 from a TP 2 checkpoint; dp 2 x tp 2 uninterrupted vs preempted + resumed."""
+    out = {"tp4": _resume_one_step_from(tmp, corpus, tp2_source, 4)}
+    grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2}
+    out["full"] = _train(make_config(f"{tmp}/grid_full", corpus, **grid))
+    out["first"] = _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(3))
+    out["second"] = _train(make_config(f"{tmp}/grid_resumed", corpus, **grid))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world4_runs(tmp_path_factory, corpus, tp2_runs):
+    tmp = tmp_path_factory.mktemp("world4")
+    source = str(tp2_runs[0] / "resumed" / "checkpoints" / "step-00000004")
+    return tmp, run_distributed(_run_world4_jobs, 4, str(tmp), corpus, source)
+
+
+def test_tp2_checkpoint_resumes_under_tp4(tp2_runs, world4_runs):
+    _, tp2 = tp2_runs
+    _, per_rank = world4_runs
+    for r in per_rank:
+        assert math.isclose(r["tp4"]["losses"][5], tp2[0]["full"]["losses"][5], rel_tol=1e-5)
+
+
+def test_dp2_tp2_preempted_and_resumed_equals_uninterrupted(world4_runs):
+    _, per_rank = world4_runs
+    for r in per_rank:
+        assert r["first"]["status"] == "preempted"
+        assert {**r["first"]["losses"], **r["second"]["losses"]} == r["full"]["losses"]
+    full = model_tensors(Path(per_rank[0]["full"]["checkpoint"]))
+    resumed = model_tensors(Path(per_rank[0]["second"]["checkpoint"]))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def _killed_during_save(tmp: str, corpus: str) -> None:
+    """Rank 1 dies by SIGKILL while writing the step-4 checkpoint (after writing part of it)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from argonne_dt import checkpoint
+
+    real_save = dcp.save
+
+    def dying_save(state, *, checkpoint_id, **kwargs):
+        if "step-00000004" in checkpoint_id and dist.get_rank() == 1:
+            Path(checkpoint_id, "__1_0.distcp").write_bytes(b"half a shard")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    checkpoint.dcp.save = dying_save
+    _train(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
+
+
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, corpus, tp2_runs):
+    _, tp2 = tp2_runs
+    with pytest.raises(Exception):
+        run_distributed(_killed_during_save, 2, str(tmp_path), corpus, timeout_s=20)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000002"]
+    assert (checkpoints / "step-00000004.tmp").exists()  # the interrupted save, never picked
+    result = run_distributed(_resume_after_kill, 2, str(tmp_path), corpus)[0]
+    assert not (checkpoints / "step-00000004.tmp").exists()
+    assert result["status"] == "completed"
+    assert result["losses"] == {s: tp2[0]["full"]["losses"][s] for s in range(3, STEPS + 1)}
+
+
+def _resume_after_kill(tmp: str, corpus: str) -> dict:
+    return _train(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
