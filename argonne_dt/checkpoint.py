@@ -19,7 +19,9 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from .config import Config, ParallelConfig, config_from_dict
+from .model import ArgonneModel
+from .parallelize import materialize, parallelize
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -170,22 +176,73 @@ class Checkpointer:
                     shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, train_state: ModelOptimizerState, extras: list[str]) -> dict[str, Any]:
-        """Load model (+ optimizer) in place; return those of the named extras the checkpoint has.
+        return load_checkpoint(path, train_state, extras, self.process_group)
 
-        Per-rank extras absent from the checkpoint (it was saved with another world size) are
-        left out of the result; the caller decides what that means.
-        """
-        started = time.perf_counter()
-        if self.rank == 0:
-            print(f"loading checkpoint {path} ...", flush=True)
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-        _check_model_shapes(metadata, train_state.model, path)
-        wanted: dict[str, Any] = {"train": train_state}
-        wanted.update({_EXTRA + k: b"" for k in extras if _EXTRA + k in metadata.state_dict_metadata})
-        try:
-            dcp.load(wanted, checkpoint_id=str(path), process_group=self.process_group)
-        except dcp.CheckpointException as err:
-            raise CheckpointError(f"{path}: cannot load: {err}") from err
-        if self.rank == 0:
-            print(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s", flush=True)
-        return {k[len(_EXTRA):]: pickle.loads(v) for k, v in wanted.items() if k.startswith(_EXTRA)}
+
+def load_checkpoint(path: Path, train_state: ModelOptimizerState, extras: list[str] = (), process_group=None) -> dict[str, Any]:
+    """Load model (+ optimizer) in place; return those of the named extras the checkpoint has.
+
+    Per-rank extras absent from the checkpoint (it was saved with another world size) are left
+    out of the result; the caller decides what that means. Works without a process group too
+    (one process reading a checkpoint written by many: DCP reshards).
+    """
+    distributed = dist.is_initialized()
+    verbose = not distributed or dist.get_rank() == 0
+    started = time.perf_counter()
+    if verbose:
+        print(f"loading checkpoint {path} ...", flush=True)
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    _check_model_shapes(metadata, train_state.model, path)
+    wanted: dict[str, Any] = {"train": train_state}
+    wanted.update({_EXTRA + k: b"" for k in extras if _EXTRA + k in metadata.state_dict_metadata})
+    try:
+        with warnings.catch_warnings():  # DCP warns that one process reads alone: intended here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(wanted, checkpoint_id=str(path), process_group=process_group, no_dist=not distributed)
+    except dcp.CheckpointException as err:
+        raise CheckpointError(f"{path}: cannot load: {err}") from err
+    if verbose:
+        print(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s", flush=True)
+    return {k[len(_EXTRA):]: pickle.loads(v) for k, v in wanted.items() if k.startswith(_EXTRA)}
+
+
+def stored_config(path: Path) -> Config:
+    """The resolved run config saved with a checkpoint."""
+    source = Path(path) / "config.json"
+    if not source.exists():
+        raise CheckpointError(f"{source} is missing: not a checkpoint written by argonne_dt")
+    return config_from_dict(json.loads(source.read_text()))
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", mesh=None, parallel: ParallelConfig | None = None):
+    """The trained model of a checkpoint (a run dir or a step dir), plain or tensor-parallel on ``mesh``.
+
+    Returns (model in eval mode, the checkpoint's config). The model is built on the meta device
+    and allocated once, so host memory holds one copy of the weights.
+    """
+    path = resolve_checkpoint(path)
+    cfg = stored_config(path)
+    with torch.device("meta"):
+        model = ArgonneModel(cfg.model)
+    if mesh is not None:
+        parallelize(model, mesh, parallel, before_fsdp=partial(materialize, device=device, seed=None))
+    else:
+        materialize(model, device, seed=None)
+    load_checkpoint(path, ModelOptimizerState(model, None))
+    return model.eval(), cfg
+
+
+def write_model_checkpoint(model: ArgonneModel, cfg: Config, out_dir: str | Path) -> Path:
+    """A weights-only checkpoint from one process (for ``checkpoint.initial_load_path`` and loading)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"train": ModelOptimizerState(model, None)}, checkpoint_id=str(tmp), no_dist=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

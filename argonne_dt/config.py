@@ -89,6 +89,8 @@ class DataConfig:
     tokenize_batch_size: int = _doc("documents per tokenizer call", default=64)
     loop: bool = _doc("start a new epoch when the shards are exhausted (else stop)", default=True)
     on_bad_shard: str = _doc("'skip' (warn and count) or 'error' on an unreadable shard", default="skip")
+    eval_paths: list[str] = _doc("held-out parquet files / dirs / globs for validation; empty: none",
+                                 default_factory=list)
 
 
 @dataclass
@@ -111,7 +113,8 @@ class TrainConfig:
     seed: int = _doc("seed for init and everything random", default=1234)
     dtype: str = _doc("compute dtype: bf16 (autocast, fp32 master weights) or fp32", default="bf16")
     max_nonfinite_steps: int = _doc("consecutive non-finite steps tolerated before stopping", default=5)
-    eval_every: int = _doc("validation every N steps; 0 disables", default=0)
+    eval_every: int = _doc("validation every N steps (needs data.eval_paths); 0 disables", default=0)
+    eval_batches: int = _doc("validation batches per evaluation; 0 means the whole held-out set", default=20)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class MetricsConfig:
     sample_prompts: list[str] = _doc(
         "prompts for the samples", default_factory=lambda: ["Long long time ago, "]
     )
+    sample_tokens: int = _doc("new tokens per sample (greedy)", default=32)
 
 
 @dataclass
@@ -328,6 +332,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
         )
     _require(d.on_bad_shard in ("skip", "error"), f"data.on_bad_shard={d.on_bad_shard!r} must be skip or error")
     _require(d.num_workers >= 1, f"data.num_workers must be >= 1, got {d.num_workers}")
+    _require(
+        config.train.eval_every == 0 or bool(d.eval_paths),
+        f"train.eval_every={config.train.eval_every} needs data.eval_paths (held-out parquet files)",
+    )
     t = config.train
     _require(t.dtype in ("bf16", "fp32"), f"train.dtype={t.dtype!r} must be bf16 or fp32")
     for key in ("steps", "micro_batch_size", "grad_accum_steps"):

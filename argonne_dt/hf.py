@@ -6,11 +6,14 @@ the mapping is a renaming: no tensor is permuted (both use the rotate-half RoPE 
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .model import ArgonneModel
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -87,7 +90,138 @@ def llama_config(cfg: ModelConfig, torch_dtype: torch.dtype = torch.float32, bos
         mlp_bias=False,
         tie_word_embeddings=True,
         initializer_range=cfg.init_std,
-        torch_dtype=torch_dtype,
+        dtype=torch_dtype,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
+        architectures=["LlamaForCausalLM"],
     )
+
+
+def model_config_from_llama(config: dict, source: str) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face Llama ``config.json``; refuses what Argonne cannot represent."""
+    problems = []
+    if config.get("model_type") not in ("llama", None):
+        problems.append(f"model_type={config.get('model_type')!r} (expected 'llama')")
+    if not config.get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings=false (Argonne ties embedding and lm_head)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("biases in attention or MLP")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config.get('hidden_act')!r} (expected 'silu')")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope scaling {rope} (only plain RoPE)")
+    if problems:
+        raise ValueError(f"{source}: not an Argonne-shaped Llama: " + "; ".join(problems))
+    heads = config["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        intermediate_size=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 4096),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        init_std=config.get("initializer_range", 0.02),
+    )
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_INDEX = "model.safetensors.index.json"
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a checkpoint as a Hugging Face Llama directory that ``from_pretrained`` loads offline.
+
+    config.json, generation_config.json, safetensors weights (sharded above ``max_shard_bytes``,
+    with an index) and the tokenizer files. The weights are loaded once; each shard's tensors are
+    converted to ``dtype`` only while that shard is written.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from .checkpoint import load_model
+    from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    model, cfg = load_model(checkpoint)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    bos, eos, pad = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llama_config(cfg.model, _DTYPES[dtype], bos, eos).save_pretrained(out)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    weights = to_hf_state_dict(model.state_dict())
+    itemsize = torch.finfo(_DTYPES[dtype]).bits // 8
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    for old in list(out.glob("model*.safetensors")) + list(out.glob(_INDEX)):
+        old.unlink()
+    weight_map = {}
+    for number, names in enumerate(shards, 1):
+        filename = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: weights[n].to(_DTYPES[dtype]).contiguous() for n in names}, str(out / filename),
+                  metadata={"format": "pt"})
+        weight_map.update({n: filename for n in names})
+    if len(shards) > 1:
+        total = sum(t.numel() * itemsize for t in weights.values())
+        (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5") -> Path:
+    """A Llama-format Hugging Face directory (safetensors) -> a DCP checkpoint training can start from.
+
+    Use it with ``--checkpoint.initial_load_path=OUT`` and a config of the same model shape.
+    """
+    from safetensors import safe_open
+
+    from .checkpoint import write_model_checkpoint
+    from .config import Config
+
+    hf_dir = Path(hf_dir)
+    source = hf_dir / "config.json"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found: not a Hugging Face model directory")
+    cfg = Config()
+    cfg.model = model_config_from_llama(json.loads(source.read_text()), str(source))
+    cfg.data.tokenizer = tokenizer
+    cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights (convert .bin weights with transformers first)")
+    with torch.device("meta"):
+        model = ArgonneModel(cfg.model)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    params = model.state_dict()
+    filled = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for hf_name in f.keys():
+                tensor = f.get_tensor(hf_name)
+                if hf_name == "lm_head.weight":
+                    continue  # tied: checked against the embedding below
+                name = from_hf_name(hf_name)
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{path}: {hf_name} has shape {tuple(tensor.shape)}, config.json implies "
+                                     f"{tuple(params[name].shape)}")
+                params[name].copy_(tensor.to(torch.float32))
+                filled.add(name)
+    missing = set(params) - filled - {"lm_head.weight"}
+    if missing:
+        raise ValueError(f"{hf_dir}: weights missing for {sorted(missing)[:5]}")
+    return write_model_checkpoint(model, cfg, out_dir)

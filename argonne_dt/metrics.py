@@ -71,7 +71,7 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(job_dir / "tb"))
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
+    def log(self, step: int, scalars: dict[str, float], section: str = "train") -> None:
         if not self.enabled:
             return
         line = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
@@ -79,7 +79,7 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         if self.writer is not None:
             for key, value in scalars.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.add_scalar(f"{section}/{key}", value, step)
             if "loss" in scalars and "tokens_seen" in scalars:
                 # The picture the original project published: loss against tokens.
                 self.writer.add_scalar("train/loss_vs_tokens", scalars["loss"], int(scalars["tokens_seen"]))

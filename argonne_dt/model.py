@@ -122,6 +122,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         start_pos: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1: the local head count, which is num_heads / tp once the projections are sharded.
@@ -129,22 +130,35 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, causal = None, True
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-            if start_pos > 0:
-                causal = False
-                if seq > 1:
-                    query_pos = torch.arange(start_pos, start_pos + seq, device=x.device)
-                    mask = query_pos[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :]
+        mask = attention_mask(seq, k.shape[2], start_pos, key_mask, x.device)
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.pad_head_dim:
             # Flash kernels need head_dim % 8 == 0; zero padding leaves q.k and the used part of
             # the output unchanged, and the scale stays that of the true head_dim.
             q, k, v = (_pad_last_dim(t, 8) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=scale, enable_gqa=True
+        )
         out = out[..., : self.head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def attention_mask(seq: int, keys: int, start_pos: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean (.., seq, keys) mask, or None when plain causal attention (or none) is exact.
+
+    ``key_mask`` (B, >= keys) marks real tokens (False for padding). A query always sees itself,
+    so padded rows stay finite instead of softmax over nothing.
+    """
+    if key_mask is None and (start_pos == 0 or seq == 1):
+        return None
+    query_pos = torch.arange(start_pos, start_pos + seq, device=device)[:, None]
+    key_pos = torch.arange(keys, device=device)[None, :]
+    mask = query_pos >= key_pos
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :keys]) | (query_pos == key_pos)
+    return mask
 
 
 class MLP(nn.Module):
@@ -166,9 +180,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
-        # cache and start_pos go by keyword: tensor-parallel input preparation covers the positional args.
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, start_pos=start_pos)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0, key_mask=None):
+        # By keyword: tensor-parallel input preparation covers the positional args only.
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, start_pos=start_pos, key_mask=key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -191,6 +205,16 @@ class ArgonneModel(nn.Module):
         """One parameter for embedding and lm_head (call again after anything replaces either)."""
         self.lm_head.weight = self.embed.weight
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Rotary tables and the embedding / lm_head tie: all a model needs after ``to_empty``
+        besides parameter values (which ``init_weights`` or a checkpoint provides)."""
+        self.tie_weights()
+        cfg = self.config
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
     def init_std(self, name: str) -> float | None:
         """Std of the normal init of parameter ``name``; None for norm weights (ones)."""
         if name.endswith("norm.weight"):
@@ -209,11 +233,7 @@ class ArgonneModel(nn.Module):
         tables and the tie, so a model built on the meta device and moved with ``to_empty``
         (which unties shared parameters) is complete after this call.
         """
-        self.tie_weights()
-        cfg = self.config
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_buffers()
         for name, param in self.named_parameters():
             name = name.replace("_checkpoint_wrapped_module.", "")
             local, offset, full_shape = local_view(param) if local_view else (param, (0,) * param.ndim, param.shape)
@@ -228,18 +248,20 @@ class ArgonneModel(nn.Module):
         tokens: torch.Tensor,
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of shape (B, T, vocab) for token ids of shape (B, T).
 
         With ``caches`` (one per layer) the tokens are positions ``start_pos ...`` of a sequence
-        whose earlier keys and values are in the caches, which this call extends.
+        whose earlier keys and values are in the caches, which this call extends. ``key_mask``
+        (B, positions so far) is False at padding that no token may attend to.
         """
         seq = tokens.shape[1]
         cos = self.rope_cos[start_pos : start_pos + seq]
         sin = self.rope_sin[start_pos : start_pos + seq]
         h = self.embed(tokens)
         for i, block in enumerate(self.layers):
-            h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+            h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos, key_mask)
         return self.lm_head(self.norm(h))
 
     def new_kv_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:

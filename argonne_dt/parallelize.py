@@ -178,15 +178,18 @@ def _local_view(param: torch.Tensor):
     return param, (0,) * param.ndim, param.shape
 
 
-def materialize(model: ArgonneModel, device: torch.device | str, seed: int) -> None:
+def materialize(model: ArgonneModel, device: torch.device | str, seed: int | None) -> None:
     """Allocate a meta-device (tensor-parallel) model on ``device`` and initialize it shard by shard.
 
     Each rank draws only its own block of every parameter (``ArgonneModel.init_weights`` with a
     local view), so no rank ever holds a full copy, and the values equal a single-device init
-    with the same seed.
+    with the same seed. ``seed=None`` leaves the parameters unset, for a checkpoint to fill.
     """
     model.to_empty(device=device)
-    model.init_weights(seed, _local_view)
+    if seed is None:
+        model.init_buffers()
+    else:
+        model.init_weights(seed, _local_view)
 
 
 def parallelize(

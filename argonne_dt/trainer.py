@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -19,12 +19,14 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, resolve_checkpoint
-from .config import Config, validate
+from .config import Config, ConfigError, validate
 from .data import build_data_loader
+from .generate import SamplingConfig, generate
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import ArgonneModel, cross_entropy_loss
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .parallelize import build_mesh, loss_context, materialize, mesh_dim, parallelize
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,47 @@ def _all_reduce_max(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+@torch.no_grad()
+def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0) -> dict:
+    """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
+
+    Under data parallelism every rank must run the same number of batches, and the mean is taken
+    over all ranks' batches.
+    """
+    total = torch.zeros(2, device=device)  # loss sum, batch count
+    for index, batch in enumerate(batches):
+        if max_batches and index >= max_batches:
+            break
+        with autocast, loss_context(model):
+            loss = cross_entropy_loss(model(batch["input"].to(device)), batch["target"].to(device))
+        total[0] += loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+        total[1] += 1
+    if dist.is_initialized():
+        dist.all_reduce(total)  # tp ranks repeat their dp group's numbers: the ratio is unchanged
+    if total[1] == 0:
+        raise ValueError("validation data yielded no batch (too little text for one batch?)")
+    mean = (total[0] / total[1]).item()
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+def samples(model, cfg: Config, autocast) -> list[str]:
+    """Greedy continuations of ``metrics.sample_prompts`` by the model being trained.
+
+    Full recomputation per token (no KV cache), the sequence padded on the right to a multiple of
+    the TP degree: sequence parallelism shards the sequence, so decode steps of one token are not
+    possible; causal attention makes the padding invisible.
+    """
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    bos = [tokenizer.convert_tokens_to_ids(BOS_TOKEN)] if cfg.data.add_bos else []
+    prompts = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in cfg.metrics.sample_prompts]
+    sp = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
+    with autocast:
+        out = generate(model, prompts, SamplingConfig(max_new_tokens=cfg.metrics.sample_tokens, temperature=0),
+                       eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), recompute=True,
+                       pad_multiple=cfg.parallel.tp if sp else 1)
+    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
+
+
 def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the job described by ``cfg``; returns status, final step and per-step losses.
 
@@ -129,6 +172,9 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     dp_mesh = mesh_dim(mesh, "dp")
     dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh is not None else (0, 1)
     job_dir = Path(cfg.job.dir)
+    if cfg.train.eval_every and cfg.train.eval_batches == 0 and dp_size > 1:
+        raise ConfigError(f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp_size}: dp ranks "
+                          "would run different numbers of batches; set train.eval_batches")
 
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, cfg.optim, device.type)
@@ -234,6 +280,16 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
                 )
                 metrics.log(progress.step, record)
                 window_start, window_steps = time.perf_counter(), 0
+            if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
+                # A fresh loader each time: every evaluation sees the same batches.
+                held_out = build_data_loader(replace(cfg.data, paths=cfg.data.eval_paths, loop=cfg.train.eval_batches > 0),
+                                             cfg.train.micro_batch_size, dp_rank, dp_size)
+                result = evaluate(model, held_out, device, autocast, cfg.train.eval_batches)
+                metrics.log(progress.step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
+                record.update({f"eval_{k}": v for k, v in result.items()})
+            if cfg.metrics.sample_every and progress.step % cfg.metrics.sample_every == 0:
+                for prompt, text in zip(cfg.metrics.sample_prompts, samples(model, cfg, autocast)):
+                    metrics.text(progress.step, "sample", prompt + text)
             if on_step is not None:
                 on_step(progress.step, record)
 
@@ -255,3 +311,16 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
         print(f"{status} at step {progress.step}; checkpoint {last_saved}", flush=True)
     return {"status": status, "step": progress.step, "losses": losses, "checkpoint": str(last_saved),
             "skipped_steps": progress.skipped_steps}
+
+
+def evaluate_checkpoint(checkpoint: str, data_paths: list[str], max_batches: int = 0,
+                        micro_batch_size: int | None = None) -> dict:
+    """Validation loss and perplexity of a checkpoint on held-out parquet data (one process)."""
+    from .checkpoint import load_model
+
+    model, cfg = load_model(checkpoint)
+    data_cfg = replace(cfg.data, paths=data_paths, loop=max_batches > 0)
+    batches = build_data_loader(data_cfg, micro_batch_size or cfg.train.micro_batch_size)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.dtype == "bf16"
+                else contextlib.nullcontext())
+    return evaluate(model, batches, torch.device("cpu"), autocast, max_batches)
