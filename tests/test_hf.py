@@ -1,0 +1,79 @@
+"""Hugging Face export / import: logits, greedy generation, tokenizer, bit-exact round trip."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from argonne_dt.checkpoint import load_model, write_model_checkpoint
+from argonne_dt.config import Config, ModelConfig
+from argonne_dt.generate import SamplingConfig, generate
+from argonne_dt.hf import export_hf, import_hf
+from argonne_dt.model import ArgonneModel
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=151_665, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=16, max_seq_len=64, init_std=0.1)
+    cfg.data.seq_len = 32
+    model = ArgonneModel(cfg.model)
+    model.init_weights(seed=11)
+    return write_model_checkpoint(model, cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    return export_hf(checkpoint, tmp_path_factory.mktemp("hf") / "fp32", dtype="fp32")
+
+
+def test_hugging_face_loads_the_export_and_agrees(checkpoint, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ours, _ = load_model(checkpoint)
+    tokens = torch.randint(0, 151_665, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < 2e-5
+    prompt = [[151644, 9707, 11, 1879, 0]]
+    ours_greedy = generate(ours, prompt, SamplingConfig(max_new_tokens=20, temperature=0))[0]
+    theirs = hf.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                         pad_token_id=151643)[0, 5:].tolist()
+    assert ours_greedy == theirs
+    tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    assert tokenizer("Hello, world!")["input_ids"] == [9707, 11, 1879, 0] and len(tokenizer) == 151_665
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (151644, 151645)
+
+
+def test_export_import_export_is_bit_exact(exported, tmp_path):
+    imported = import_hf(exported, tmp_path / "imported")
+    again = export_hf(imported, tmp_path / "again", dtype="fp32")
+    assert (exported / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    assert json.loads((exported / "config.json").read_text()) == json.loads((again / "config.json").read_text())
+
+
+def test_bf16_export_is_sharded_with_an_index(checkpoint, tmp_path):
+    out = export_hf(checkpoint, tmp_path / "bf16", dtype="bf16", max_shard_bytes=8 * 2**20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1
+    tensors = {k: v for f in files for k, v in load_file(str(out / f)).items()}
+    assert set(tensors) == set(index["weight_map"]) and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out, local_files_only=True).config.head_dim == 16
+
+
+def test_import_refuses_other_architectures(exported, tmp_path):
+    bad = tmp_path / "untied"
+    bad.mkdir()
+    config = json.loads((exported / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: not an Argonne-shaped Llama: tie_word_embeddings=false"):
+        import_hf(bad, tmp_path / "out")
