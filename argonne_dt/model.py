@@ -195,6 +195,9 @@ class ArgonneModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        # Tokens per chunk of the fused lm_head + loss (0: plain logits then cross-entropy).
+        # parallelize() sets 0 when tensor parallelism shards the vocabulary.
+        self.fused_loss_chunk = 1024
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -249,12 +252,15 @@ class ArgonneModel(nn.Module):
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
         key_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits of shape (B, T, vocab) for token ids of shape (B, T).
+        """Logits of shape (B, T, vocab) for token ids of shape (B, T), or with ``targets`` the mean loss.
 
         With ``caches`` (one per layer) the tokens are positions ``start_pos ...`` of a sequence
         whose earlier keys and values are in the caches, which this call extends. ``key_mask``
-        (B, positions so far) is False at padding that no token may attend to.
+        (B, positions so far) is False at padding that no token may attend to. With ``targets``
+        and ``fused_loss_chunk`` set, the logits are never materialized in full (see
+        ``fused_linear_cross_entropy``).
         """
         seq = tokens.shape[1]
         cos = self.rope_cos[start_pos : start_pos + seq]
@@ -262,7 +268,12 @@ class ArgonneModel(nn.Module):
         h = self.embed(tokens)
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos, key_mask)
-        return self.lm_head(self.norm(h))
+        h = self.norm(h)
+        if targets is None:
+            return self.lm_head(h)
+        if self.fused_loss_chunk:
+            return fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.fused_loss_chunk)
+        return cross_entropy_loss(self.lm_head(h), targets)
 
     def new_kv_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
         """Empty per-layer caches sized from the (possibly sharded) k projection."""
@@ -296,3 +307,49 @@ class ArgonneModel(nn.Module):
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in fp32; works on vocab-sharded DTensor logits under ``loss_parallel()``."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` computed chunk by chunk, gradients included.
+
+    Each chunk's logits (chunk x vocab) live only inside the loop: the forward pass also forms
+    the gradients for hidden and weight, and backward only scales them. Matmuls run in the
+    autocast dtype when autocast is on; softmax statistics are fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        count = hidden.shape[0]
+        w = weight.to(compute)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, count, chunk):
+                h = hidden[start : start + chunk].to(compute)
+                t = targets[start : start + chunk]
+                logits = (h @ w.t()).float()
+                lse = logits.logsumexp(dim=-1)
+                loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if want_grads:
+                    # d(mean loss)/d(logits) = (softmax - one_hot) / count
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                    g = probs.div_(count).to(compute)
+                    grad_hidden[start : start + chunk] = g @ w
+                    grad_weight += (g.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``cross_entropy_loss(hidden @ weight.T, targets)`` without the full (tokens x vocab) logits."""
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)

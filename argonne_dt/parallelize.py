@@ -113,6 +113,7 @@ def apply_tensor_parallel(model: ArgonneModel, tp_mesh: DeviceMesh, sequence_par
     # so one parameter serves both again.
     model.tie_weights()
     model.vocab_sharded_logits = vocab_parallel_loss
+    model.fused_loss_chunk = 0  # the vocabulary is sharded: the loss goes through loss_parallel
 
 
 # Outputs worth keeping in selective (op-level) checkpointing: the expensive matmuls and

@@ -23,7 +23,7 @@ from .config import Config, ConfigError, validate
 from .data import build_data_loader
 from .generate import SamplingConfig, generate
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
-from .model import ArgonneModel, cross_entropy_loss
+from .model import ArgonneModel
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .parallelize import build_mesh, loss_context, materialize, mesh_dim, parallelize
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
@@ -118,6 +118,31 @@ def _all_reduce_max(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def train_step(model, optimizer, micro_batches: list[dict], device: torch.device, autocast, grad_clip: float):
+    """Forward + backward over the micro-batches, global-norm clip, optimizer step unless non-finite.
+
+    Returns (loss averaged over micro-batches and dp ranks, gradient norm, whether the step was
+    applied). Every rank gets the same numbers, so all take the same decision.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        inputs, targets = batch["input"].to(device), batch["target"].to(device)
+        with autocast, loss_context(model):
+            loss = model(inputs, targets=targets) / len(micro_batches)
+            loss.backward()
+        loss_sum += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip).item()
+    # Every tp rank holds its dp group's loss, so the sum over the world is tp x the sum over dp
+    # ranks, and the mean over dp ranks is that sum / world.
+    dist.all_reduce(loss_sum)
+    mean_loss = loss_sum.item() / dist.get_world_size()
+    finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm, finite
+
+
 @torch.no_grad()
 def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0) -> dict:
     """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
@@ -130,7 +155,7 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
         if max_batches and index >= max_batches:
             break
         with autocast, loss_context(model):
-            loss = cross_entropy_loss(model(batch["input"].to(device)), batch["target"].to(device))
+            loss = model(batch["input"].to(device), targets=batch["target"].to(device))
         total[0] += loss.full_tensor() if hasattr(loss, "full_tensor") else loss
         total[1] += 1
     if dist.is_initialized():
@@ -228,29 +253,15 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
                 status = "data_exhausted"
                 break
 
-            loss_sum = torch.zeros((), device=device)
-            for batch in micro_batches:
-                inputs, targets = batch["input"].to(device), batch["target"].to(device)
-                with autocast, loss_context(model):
-                    loss = cross_entropy_loss(model(inputs), targets) / cfg.train.grad_accum_steps
-                    loss.backward()
-                loss_sum += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            # Every tp rank holds its dp group's loss, so the sum over the world is tp x the sum over
-            # dp ranks, and the mean over dp ranks is that sum / world.
-            dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / world
-            finite = math.isfinite(mean_loss) and math.isfinite(grad_norm.item())
+            mean_loss, grad_norm, finite = train_step(model, optimizer, micro_batches, device, autocast, cfg.optim.grad_clip)
             if finite:
-                optimizer.step()
                 progress.consecutive_nonfinite = 0
             else:
                 progress.skipped_steps += 1
                 progress.consecutive_nonfinite += 1
                 if rank == 0:
                     print(f"step {progress.step + 1}: non-finite loss {mean_loss} / grad norm "
-                          f"{grad_norm.item()}: update skipped", flush=True)
-            optimizer.zero_grad(set_to_none=True)
+                          f"{grad_norm}: update skipped", flush=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             progress.step += 1
@@ -266,7 +277,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
                 )
 
             window_steps += 1
-            record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_seen": progress.tokens_seen}
+            record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": progress.tokens_seen}
             if progress.step % cfg.metrics.log_every == 0 or progress.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / elapsed

@@ -129,3 +129,22 @@ def test_bf16_autocast_runs_matmuls_in_bf16(odd_config):
         logits = model(torch.randint(0, 1001, (1, 8)))
     assert seen == [torch.bfloat16] and logits.dtype == torch.bfloat16
     assert model.embed.weight.dtype == torch.float32
+
+
+def test_fused_lm_head_loss_equals_logits_then_cross_entropy(odd_config):
+    model = ArgonneModel(odd_model_config(init_std=0.1))
+    tokens = torch.randint(0, odd_config.vocab_size, (3, 21))
+    grads, losses = [], []
+    for chunk in (0, 7):  # 0: plain logits; 7 does not divide the 60 tokens
+        model.zero_grad()
+        model.fused_loss_chunk = chunk
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert torch.allclose(losses[0], cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]), atol=1e-6)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+    with torch.no_grad():  # evaluation: no gradient work, same value
+        assert torch.allclose(model(tokens[:, :-1], targets=tokens[:, 1:]), losses[0], atol=1e-6)

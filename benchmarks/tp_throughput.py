@@ -1,0 +1,119 @@
+"""Training-step throughput for several tensor-parallel degrees: tokens/s, MFU, memory, comm share.
+
+    torchrun --nproc-per-node 2 benchmarks/tp_throughput.py --config tiny.toml --tp 1 2 [--json out.json]
+    torchrun --nproc-per-node 8 benchmarks/tp_throughput.py --config 4b9.toml --tp 8 --steps 10
+
+Each degree runs the real step (forward, backward, global clip, AdamW) on random tokens over all
+ranks (dp = world / tp), warm-up steps excluded. Peak memory is the CUDA allocator's peak per
+config, or on CPU the process's max RSS so far (it only grows across configs). The communication
+share is the time spent in c10d collectives during one profiled step.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from argonne_dt.config import load_config
+from argonne_dt.metrics import peak_flops, peak_memory_gib
+from argonne_dt.optim import build_optimizer
+from argonne_dt.parallelize import build_mesh, mesh_dim
+from argonne_dt.trainer import build_model, init_distributed, train_step
+
+_COLLECTIVES = ("c10d::", "nccl:", "gloo:", "allreduce", "all_reduce", "reduce_scatter", "all_gather", "allgather")
+
+
+def _batches(cfg, dp_rank: int, count: int) -> list[list[dict]]:
+    g = torch.Generator().manual_seed(1000 + dp_rank)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+    out = []
+    for _ in range(count):
+        micro = []
+        for _ in range(cfg.train.grad_accum_steps):
+            w = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+            micro.append({"input": w[:, :-1], "target": w[:, 1:]})
+        out.append(micro)
+    return out
+
+
+def _comm_share(step_fn, device) -> float:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step_fn()
+    wall_us = (time.perf_counter() - start) * 1e6
+    comm_us = 0.0
+    for event in prof.key_averages():
+        if any(key in event.key.lower() for key in _COLLECTIVES):
+            device_us = getattr(event, "device_time_total", 0) or 0
+            comm_us += device_us if device.type == "cuda" and device_us else event.cpu_time_total
+    return min(1.0, comm_us / wall_us)
+
+
+def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int, device, peak: float) -> dict:
+    world = dist.get_world_size()
+    cfg = load_config(config, overrides + [f"--parallel.tp={tp}", "--parallel.dp=-1"])
+    mesh = build_mesh(cfg.parallel, world, device.type)
+    dp_mesh = mesh_dim(mesh, "dp")
+    dp_rank = dp_mesh.get_local_rank() if dp_mesh is not None else 0
+    model = build_model(cfg, mesh, device)
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+    batches = _batches(cfg, dp_rank, warmup + steps + 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for index, micro in enumerate(batches[:-1]):
+        dist.barrier()
+        start = time.perf_counter()
+        train_step(model, optimizer, micro, device, autocast, cfg.optim.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    share = _comm_share(lambda: train_step(model, optimizer, batches[-1], device, autocast, cfg.optim.grad_clip), device)
+    memory = torch.tensor(peak_memory_gib(device), device=device)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * (world // tp)
+    median = statistics.median(times)
+    tokens_per_s = tokens_per_step / median
+    return {
+        "config": config, "tp": tp, "dp": world // tp, "world": world, "device": str(device.type),
+        "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+        "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / world,
+        "mfu": model.flops_per_token(cfg.data.seq_len) * tokens_per_s / (peak * world),
+        "peak_memory_gib_max_rank": memory.item(), "comm_share": share,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny.toml")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows here")
+    args, overrides = parser.parse_known_args()
+    device, _ = init_distributed()
+    peak = peak_flops(device)  # on CPU a measured matmul: once, so that every row uses the same peak
+    rows = [measure(args.config, overrides, tp, args.steps, args.warmup, device, peak) for tp in args.tp]
+    if dist.get_rank() == 0:
+        print(f"{'tp':>3} {'dp':>3} {'tokens/s':>10} {'/rank':>8} {'step s':>8} {'min-max':>13} {'MFU':>6} "
+              f"{'mem GiB':>8} {'comm':>5}")
+        for r in rows:
+            print(f"{r['tp']:>3} {r['dp']:>3} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_rank']:>8,.0f} "
+                  f"{r['step_s_median']:>8.3f} {r['step_s_min']:>6.3f}-{r['step_s_max']:<6.3f} {r['mfu']:>6.1%} "
+                  f"{r['peak_memory_gib_max_rank']:>8.2f} {r['comm_share']:>5.0%}")
+        print(json.dumps(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

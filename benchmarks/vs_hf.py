@@ -1,0 +1,149 @@
+"""Train our model and Hugging Face LlamaForCausalLM of the same shape, dtype and data, alternating.
+
+    python benchmarks/vs_hf.py --config tiny.toml [--steps 6] [--json out.json] [--profile]
+    python benchmarks/vs_hf.py --no-fused-loss --no-fused-adamw     # ablations: what each change gains
+
+One process, one run: both models start from the same weights, see the same batches, use bf16
+autocast over fp32 master weights and AdamW with the same hyper-parameters (ours fused, theirs
+torch's default foreach, as in a plain Hugging Face training loop); a round is one step of
+each. Peak memory is the resident-set peak during a step above the level just before it (freed
+heap is returned to the OS first with malloc_trim, so the order of the two does not matter).
+"""
+
+import argparse
+import ctypes
+import json
+import statistics
+import threading
+import time
+
+import torch
+
+from argonne_dt.config import load_config
+from argonne_dt.hf import llama_config, to_hf_state_dict
+from argonne_dt.model import ArgonneModel
+from argonne_dt.optim import build_optimizer
+
+_PAGE = 4096
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRss:
+    """Peak resident memory above the starting level, sampled every millisecond during a block."""
+
+    def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.delta = self.peak - self.start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny.toml")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-fused-loss", action="store_true", help="ours: full logits, then cross-entropy")
+    parser.add_argument("--no-fused-adamw", action="store_true", help="ours: foreach AdamW like theirs")
+    parser.add_argument("--fp32", action="store_true", help="both without bf16 autocast")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each")
+    parser.add_argument("--json", help="also write the results here")
+    args, overrides = parser.parse_known_args()
+    from transformers import LlamaForCausalLM
+
+    cfg = load_config(args.config, overrides)
+    cfg.optim.fused = not args.no_fused_adamw
+    ours = ArgonneModel(cfg.model)
+    ours.fused_loss_chunk = 0 if args.no_fused_loss else ours.fused_loss_chunk
+    hf_config = llama_config(cfg.model)
+    hf_config._attn_implementation = "sdpa"
+    theirs = LlamaForCausalLM(hf_config)
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
+    theirs.tie_weights()
+    ours_opt = build_optimizer(ours, cfg.optim, "cpu")
+    theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32)
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+
+    def our_step(w):
+        with autocast:
+            loss = ours(w[:, :-1], targets=w[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.optim.grad_clip)
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def their_step(w):
+        with autocast:
+            loss = theirs(input_ids=w[:, :-1], labels=w[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
+        theirs_opt.step()
+        theirs_opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    results = {"ours": {"times": [], "mem": []}, "hf": {"times": [], "mem": []}}
+    for round_index in range(args.warmup + args.steps):
+        w = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+        for name, step in (("ours", our_step), ("hf", their_step)):
+            with PeakRss() as rss:
+                start = time.perf_counter()
+                step(w)
+                elapsed = time.perf_counter() - start
+            if round_index >= args.warmup:
+                results[name]["times"].append(elapsed)
+                results[name]["mem"].append(rss.delta)
+    if args.profile:
+        from torch.profiler import profile
+
+        w = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+        for name, step in (("ours", our_step), ("hf", their_step)):
+            with profile() as prof:
+                step(w)
+            print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    summary = {}
+    for name, r in results.items():
+        median = statistics.median(r["times"])
+        summary[name] = {"tokens_per_s": tokens / median, "step_s_median": median,
+                         "peak_step_memory_mib": max(r["mem"]) / 2**20}
+    summary["speedup"] = summary["ours"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
+    summary["memory_ratio"] = summary["ours"]["peak_step_memory_mib"] / summary["hf"]["peak_step_memory_mib"]
+    summary["settings"] = {"config": args.config, "batch": list(shape), "fused_loss": not args.no_fused_loss,
+                           "fused_adamw": not args.no_fused_adamw, "bf16": not args.fp32,
+                           "threads": torch.get_num_threads()}
+    print(f"{'':6} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9}")
+    for name in ("ours", "hf"):
+        s = summary[name]
+        print(f"{name:6} {s['tokens_per_s']:>10,.0f} {s['step_s_median']:>8.3f} {s['peak_step_memory_mib']:>9,.0f}")
+    print(f"speed-up {summary['speedup']:.2f}x, memory {summary['memory_ratio']:.2f}x of Hugging Face's")
+    print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
