@@ -313,41 +313,42 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` computed chunk by chunk, gradients included.
 
     Each chunk's logits (chunk x vocab) live only inside the loop: the forward pass also forms
-    the gradients for hidden and weight, and backward only scales them. Matmuls run in the
-    autocast dtype when autocast is on; softmax statistics are fp32.
+    the gradients for hidden and weight, and backward only scales them. Matmuls and the softmax
+    output use the autocast dtype when autocast is on (the softmax kernel accumulates in fp32);
+    the loss is -log p(target), summed in fp32.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        count = hidden.shape[0]
+        scale = 1.0 / hidden.shape[0]
         w = weight.to(compute)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, count, chunk):
-                h = hidden[start : start + chunk].to(compute)
+        grad_weight = None
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk]
                 t = targets[start : start + chunk]
-                logits = (h @ w.t()).float()
-                lse = logits.logsumexp(dim=-1)
-                loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                rows = torch.arange(len(t), device=t.device)
+                probs = torch.softmax(h.to(compute) @ w.t(), dim=-1)
+                loss -= probs[rows, t].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
                 if want_grads:
-                    # d(mean loss)/d(logits) = (softmax - one_hot) / count
-                    probs = logits.sub_(lse[:, None]).exp_()
-                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                    g = probs.div_(count).to(compute)
-                    grad_hidden[start : start + chunk] = g @ w
-                    grad_weight += (g.t() @ h).float()
+                    # d(mean loss)/d(logits) = (softmax - one_hot) / tokens
+                    probs[rows, t] -= 1.0
+                    grad_hidden[start : start + chunk] = (probs @ w).mul_(scale)
+                    part = probs.t() @ (h * scale).to(compute)
+                    grad_weight = part.to(weight.dtype) if grad_weight is None else grad_weight.add_(part)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss / count
+        return loss * scale
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None
+        # In place: the buffers serve this one backward pass (no retain_graph double backward).
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
