@@ -105,3 +105,11 @@ def _fmt(value: float) -> str:
     if abs(value) >= 100 or value == 0:
         return f"{value:.1f}"
     return f"{value:.4g}"
+
+
+def emit_json(data, path: str | None) -> None:
+    """A benchmark's results: one JSON line on stdout, and the same, indented, in ``path`` if given."""
+    print(json.dumps(data))
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)

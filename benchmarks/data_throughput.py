@@ -6,13 +6,13 @@ Compared with what 4b9 on 8 x A100 consumes: 8 * 312e12 * 0.5 / flops_per_token(
 """
 
 import argparse
-import json
 import time
 
 import torch
 
 from argonne_dt.config import DataConfig, load_config
 from argonne_dt.data import build_data_loader
+from argonne_dt.metrics import emit_json
 from argonne_dt.model import ArgonneModel
 
 
@@ -50,9 +50,7 @@ def main() -> None:
     for row in rows:
         row["ratio_to_4b9_need"] = row["tokens_per_s"] / need
         print(f"{row['workers']:>8} {row['tokens_per_s']:>12,.0f} {row['ratio_to_4b9_need']:>9.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"needed_tokens_per_s": need, "results": rows}, f, indent=2)
+    emit_json({"needed_tokens_per_s": need, "results": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ tensors autograd keeps (bf16 compute, fp32 residual stream), for each checkpoint
 """
 
 import argparse
-import json
 import math
 
 import torch
 import torch.distributed as dist
 
 from argonne_dt.config import load_config
-from argonne_dt.metrics import PEAK_BF16_FLOPS
+from argonne_dt.metrics import PEAK_BF16_FLOPS, emit_json
 from argonne_dt.model import ArgonneModel
 from argonne_dt.parallelize import build_mesh, parallelize
 
@@ -144,10 +143,7 @@ def main() -> None:
               f"{r['logits_and_loss_gib']:>7.2f}G {r['total_gib']:>7.2f}G {r['gpu_gib']:>5}G  {verdict}")
     print(f"at {first['mfu']:.0%} MFU: {first['predicted_tokens_per_s']:,.0f} tokens/s, "
           f"{first['predicted_days_for_21.9B_tokens']:.1f} days for 21.9B tokens")
-    print(json.dumps(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    emit_json(rows, args.json)
 
 
 if __name__ == "__main__":

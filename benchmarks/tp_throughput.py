@@ -10,7 +10,6 @@ share is the time spent in c10d collectives during one profiled step.
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from argonne_dt.config import load_config
-from argonne_dt.metrics import peak_flops, peak_memory_gib
+from argonne_dt.metrics import emit_json, peak_flops, peak_memory_gib
 from argonne_dt.optim import build_optimizer
 from argonne_dt.parallelize import build_mesh, mesh_dim
 from argonne_dt.trainer import build_model, init_distributed, train_step
@@ -108,10 +107,7 @@ def main() -> None:
             print(f"{r['tp']:>3} {r['dp']:>3} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_rank']:>8,.0f} "
                   f"{r['step_s_median']:>8.3f} {r['step_s_min']:>6.3f}-{r['step_s_max']:<6.3f} {r['mfu']:>6.1%} "
                   f"{r['peak_memory_gib_max_rank']:>8.2f} {r['comm_share']:>5.0%}")
-        print(json.dumps(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+        emit_json(rows, args.json)
     dist.destroy_process_group()
 
 

@@ -12,7 +12,6 @@ heap is returned to the OS first with malloc_trim, so the order of the two does 
 
 import argparse
 import ctypes
-import json
 import statistics
 import threading
 import time
@@ -21,6 +20,7 @@ import torch
 
 from argonne_dt.config import load_config
 from argonne_dt.hf import llama_config, to_hf_state_dict
+from argonne_dt.metrics import emit_json
 from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import build_optimizer
 
@@ -139,10 +139,7 @@ def main() -> None:
         s = summary[name]
         print(f"{name:6} {s['tokens_per_s']:>10,.0f} {s['step_s_median']:>8.3f} {s['peak_step_memory_mib']:>9,.0f}")
     print(f"speed-up {summary['speedup']:.2f}x, memory {summary['memory_ratio']:.2f}x of Hugging Face's")
-    print(json.dumps(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+    emit_json(summary, args.json)
 
 
 if __name__ == "__main__":
