@@ -85,3 +85,10 @@ def test_every_field_is_documented():
     assert "`model.hidden_size`" in table and "`checkpoint.keep_last`" in table
     rows = [row.replace("\\|", "") for row in table.splitlines()]
     assert all(row.count("|") == 4 and not row.endswith("|  |") for row in rows)
+
+
+def test_readme_config_table_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert describe_fields() in readme, "regenerate the README table from argonne_dt.config.describe_fields()"
