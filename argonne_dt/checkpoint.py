@@ -150,9 +150,18 @@ class Checkpointer:
             dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
             self._publish(tmp, final)
 
-    def poll(self) -> None:
-        """Publish a finished asynchronous save (call once per step)."""
-        if self._pending is not None and self._pending[0].done():
+    def poll(self, device: torch.device) -> None:
+        """Publish a finished asynchronous save (call once per step, on every rank).
+
+        Ranks finish writing at different moments; they agree (one tiny all-reduce on the
+        default group, only while a save is pending) so that all publish at the same step.
+        """
+        if self._pending is None:
+            return
+        done = torch.tensor([float(self._pending[0].done())], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item() == 1.0:
             self.wait()
 
     def wait(self) -> None:
@@ -164,7 +173,7 @@ class Checkpointer:
         future.result()
         # async_save completes per rank; publishing needs every rank's files written.
         if dist.is_initialized():
-            dist.barrier(group=self.process_group)
+            dist.barrier()
         self._publish(tmp, final)
 
     def _publish(self, tmp: Path, final: Path) -> None:

@@ -205,8 +205,9 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     optimizer = build_optimizer(model, cfg.optim, device.type)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     data = build_data_loader(cfg.data, cfg.train.micro_batch_size, dp_rank, dp_size)
-    # Asynchronous saves run their collectives beside training: on NCCL they need a group of their own.
-    ckpt_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save and device.type == "cuda" else None
+    # Asynchronous saves run their collectives in a background thread, beside training's: they need
+    # a process group of their own (gloo: the data being written is on the CPU by then).
+    ckpt_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
     checkpointer = Checkpointer(job_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save, ckpt_group)
     train_state = ModelOptimizerState(model, optimizer)
     progress = Progress()
@@ -267,7 +268,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
             progress.step += 1
             progress.tokens_seen += tokens_per_step
             losses[progress.step] = mean_loss
-            checkpointer.poll()
+            checkpointer.poll(device)
             if progress.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
                 newest = checkpointer.latest()
                 raise TrainingError(

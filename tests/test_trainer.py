@@ -62,6 +62,9 @@ def _run_tp2_jobs(tmp: str, corpus: str) -> dict:
     out["full"] = _train(make_config(f"{tmp}/full", corpus, **accum, **extras))
     out["first"] = _train(make_config(f"{tmp}/resumed", corpus, **accum), on_step=_sigterm_at(3))
     out["second"] = _train(make_config(f"{tmp}/resumed", corpus, **accum))
+    out["async"] = _train(make_config(f"{tmp}/async", corpus, **accum, **{"checkpoint.async_save": True}))
+    out["warm_start"] = _train(make_config(f"{tmp}/warm", corpus, **accum, **{
+        "checkpoint.initial_load_path": f"{tmp}/full", "train.steps": 1}))
     try:
         _train(make_config(f"{tmp}/nan", corpus, **{"parallel.tp": 2, "optim.lr": 1e30, "optim.grad_clip": 0,
                                                      "train.max_nonfinite_steps": 2, "checkpoint.every": 1}))
@@ -107,6 +110,24 @@ def test_preempted_and_resumed_run_equals_uninterrupted(tp2_runs):
     resumed = model_tensors(Path(per_rank[0]["second"]["checkpoint"]))
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_async_checkpoints_are_complete_and_training_unchanged(tp2_runs):
+    tmp, per_rank = tp2_runs
+    assert per_rank[0]["async"]["losses"] == per_rank[0]["full"]["losses"]
+    kept = [p.name for p in complete_checkpoints(tmp / "async" / "checkpoints")]
+    assert kept == ["step-00000004", "step-00000006"]
+    full = model_tensors(Path(per_rank[0]["full"]["checkpoint"]))
+    written = model_tensors(tmp / "async" / "checkpoints" / "step-00000006")
+    assert all(torch.equal(full[k], written[k]) for k in full)
+
+
+def test_initial_load_path_starts_from_another_runs_weights(tp2_runs):
+    _, per_rank = tp2_runs
+    full = per_rank[0]["full"]["losses"]
+    warm = per_rank[0]["warm_start"]["losses"]
+    # The first batch again, now seen by the trained weights: lower than at step 1 of the fresh run.
+    assert warm[1] < full[1] - 0.1
 
 
 def test_preemption_saved_at_the_step_boundary(tp2_runs):
