@@ -38,8 +38,9 @@ CASES = {
     "tp2_ac_selective_ops": ((2, 2), dict(tp=2, activation_checkpoint="selective")),
     "tp2_ac_every_2nd": ((2, 2), dict(tp=2, activation_checkpoint="selective", ac_every=2)),
     "dp2_tp2_ac_full": ((2, 2), dict(tp=2, dp=2, activation_checkpoint="full")),
-    "tp2_compile_ac_full": ((2, 2), dict(tp=2, compile=True, activation_checkpoint="full")),
 }
+# Compiling takes most of a spawn's time: it gets its own two ranks.
+COMPILED_CASES = {"tp2_compile_ac_full": ((2,), dict(tp=2, compile=True, activation_checkpoint="full"))}
 
 
 def _clean(name: str) -> str:
@@ -54,17 +55,20 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _mesh(shape):
+def _mesh(shape, parallel: ParallelConfig):
+    """The mesh a case parallelizes over: all of it with FSDP, else only its tp dimension (the
+    other dp row runs the same case, for free)."""
     names = ("tp",) if len(shape) == 1 else ("dp", "tp")
-    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    return mesh if parallel.dp > 1 or mesh.ndim == 1 else mesh["tp"]
 
 
 def _run_case(shape, parallel_kwargs) -> dict:
     parallel = ParallelConfig(**parallel_kwargs)
-    mesh = _mesh(shape)
+    mesh = _mesh(shape, parallel)
     torch.manual_seed(0)
     reference = ArgonneModel(odd_model_config(**MODEL))
-    model = parallelize(copy.deepcopy(reference), mesh if parallel.dp > 1 else mesh["tp"] if len(shape) > 1 else mesh, parallel)
+    model = parallelize(copy.deepcopy(reference), mesh, parallel)
     tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     dp = parallel.dp if parallel.dp > 1 else 1
     dp_rank = mesh.get_local_rank("dp") if dp > 1 else 0
@@ -107,8 +111,7 @@ def _run_case(shape, parallel_kwargs) -> dict:
 def _bf16_dtypes(shape, parallel_kwargs) -> dict:
     """Output dtypes of matmuls and the dtype of the master weights under bf16 autocast."""
     parallel = ParallelConfig(**parallel_kwargs)
-    mesh = _mesh(shape)
-    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), mesh if parallel.dp > 1 else mesh["tp"], parallel)
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), _mesh(shape, parallel), parallel)
     seen = {}
     for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
         model.get_submodule(name).register_forward_hook(
@@ -125,13 +128,11 @@ def _bf16_dtypes(shape, parallel_kwargs) -> dict:
 def _materialize_errors(shape, parallel_kwargs) -> float:
     """Largest difference between a meta-built, shard-by-shard initialized model and a single-device init."""
     parallel = ParallelConfig(**parallel_kwargs)
-    mesh = _mesh(shape)
     reference = ArgonneModel(odd_model_config(**MODEL))
     reference.init_weights(seed=5)
     with torch.device("meta"):
         model = ArgonneModel(odd_model_config(**MODEL))
-    model = parallelize(model, mesh if parallel.dp > 1 else mesh["tp"] if len(shape) > 1 else mesh, parallel,
-                        before_fsdp=partial(materialize, device="cpu", seed=5))
+    model = parallelize(model, _mesh(shape, parallel), parallel, before_fsdp=partial(materialize, device="cpu", seed=5))
     ref = dict(reference.named_parameters())
     worst = max((_full(p.detach()) - ref[_clean(n)]).abs().max().item() for n, p in model.named_parameters())
     tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ))
@@ -141,7 +142,7 @@ def _materialize_errors(shape, parallel_kwargs) -> float:
 
 
 def _errors() -> dict:
-    mesh = _mesh((4,))
+    mesh = _mesh((4,), ParallelConfig(tp=4))
     messages = {}
     bad_heads = ArgonneModel(odd_model_config(**{**MODEL, "num_kv_heads": 2}))
     try:
@@ -168,13 +169,23 @@ def _all_cases() -> dict:
     return results
 
 
+def _compiled_cases() -> dict:
+    return {name: _run_case(shape, kwargs) for name, (shape, kwargs) in COMPILED_CASES.items()}
+
+
 @pytest.fixture(scope="module")
 def per_rank() -> list[dict]:
     return run_distributed(_all_cases, 4)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_loss_gradients_and_step_match_single_device(per_rank, case):
+@pytest.fixture(scope="module")
+def compiled_per_rank() -> list[dict]:
+    return run_distributed(_compiled_cases, 2)
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(COMPILED_CASES))
+def test_loss_gradients_and_step_match_single_device(request, case):
+    per_rank = request.getfixturevalue("compiled_per_rank" if case in COMPILED_CASES else "per_rank")
     reference_names = sorted(n for n, _ in ArgonneModel(odd_model_config(**MODEL)).named_parameters())
     for rank, results in enumerate(per_rank):
         r = results[case]

@@ -182,32 +182,25 @@ def _resume_one_step_from(tmp: str, corpus: str, source: str, tp: int) -> dict:
                   on_step=_sigterm_at(step + 1))
 
 
-def _run_world4_jobs(tmp: str, corpus: str, tp2_source: str) -> dict:
-    """TP 4 from a TP 2 checkpoint; dp 2 x tp 2 uninterrupted vs preempted + resumed."""
-    out = {"tp4": _resume_one_step_from(tmp, corpus, tp2_source, 4)}
+def _run_grid_jobs(tmp: str, corpus: str) -> dict:
+    """dp 2 x tp 2: uninterrupted vs preempted + resumed."""
     grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2}
-    out["full"] = _train(make_config(f"{tmp}/grid_full", corpus, **grid))
-    out["first"] = _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(3))
-    out["second"] = _train(make_config(f"{tmp}/grid_resumed", corpus, **grid))
-    return out
+    return {
+        "full": _train(make_config(f"{tmp}/grid_full", corpus, **grid)),
+        "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(3)),
+        "second": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
+    }
 
 
-@pytest.fixture(scope="module")
-def world4_runs(tmp_path_factory, corpus, tp2_runs):
-    tmp = tmp_path_factory.mktemp("world4")
-    source = str(tp2_runs[0] / "resumed" / "checkpoints" / "step-00000004")
-    return tmp, run_distributed(_run_world4_jobs, 4, str(tmp), corpus, source)
+def test_tp2_checkpoint_resumes_under_tp4(tp2_runs, tmp_path, corpus):
+    tmp, tp2 = tp2_runs
+    source = str(tmp / "resumed" / "checkpoints" / "step-00000004")
+    for r in run_distributed(_resume_one_step_from, 4, str(tmp_path), corpus, source, 4):
+        assert math.isclose(r["losses"][5], tp2[0]["full"]["losses"][5], rel_tol=1e-5)
 
 
-def test_tp2_checkpoint_resumes_under_tp4(tp2_runs, world4_runs):
-    _, tp2 = tp2_runs
-    _, per_rank = world4_runs
-    for r in per_rank:
-        assert math.isclose(r["tp4"]["losses"][5], tp2[0]["full"]["losses"][5], rel_tol=1e-5)
-
-
-def test_dp2_tp2_preempted_and_resumed_equals_uninterrupted(world4_runs):
-    _, per_rank = world4_runs
+def test_dp2_tp2_preempted_and_resumed_equals_uninterrupted(tmp_path, corpus):
+    per_rank = run_distributed(_run_grid_jobs, 4, str(tmp_path), corpus)
     for r in per_rank:
         assert r["first"]["status"] == "preempted"
         assert {**r["first"]["losses"], **r["second"]["losses"]} == r["full"]["losses"]
