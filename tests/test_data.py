@@ -258,3 +258,12 @@ def test_convert_text_jsonl_and_parquet(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         convert_to_shards([tmp_path / "bad.jsonl"], tmp_path / "out2")
+
+
+def test_fsspec_urls_are_listed_and_streamed(shards, tmp_path):
+    files, docs = shards
+    urls = expand_paths([f"file://{tmp_path}/*.parquet"])
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["part-2.parquet", "part-3.parquet", "part-10.parquet"]
+    assert all(u.startswith("file://") for u in urls)
+    assert expand_paths([f"file://{tmp_path}"]) == urls
+    assert sorted(_rank_texts(urls, 0, 1)) == sorted(docs)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from argonne_dt.checkpoint import (
+    CheckpointError,
+    ModelOptimizerState,
+    complete_checkpoints,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    write_model_checkpoint,
+)
+from argonne_dt.config import Config
+from argonne_dt.model import ArgonneModel
+from conftest import odd_model_config
+
+
+def _config(**model) -> Config:
+    cfg = Config()
+    cfg.model = odd_model_config(**model)
+    cfg.data.seq_len = 32
+    return cfg
+
+
+def test_weights_round_trip_through_a_checkpoint(tmp_path):
+    cfg = _config()
+    model = ArgonneModel(cfg.model)
+    model.init_weights(seed=4)
+    path = write_model_checkpoint(model, cfg, tmp_path / "ckpt")
+    loaded, stored = load_model(path)
+    assert stored.model == cfg.model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded.lm_head.weight is loaded.embed.weight
+
+
+def test_a_different_model_shape_is_named(tmp_path):
+    cfg = _config()
+    path = write_model_checkpoint(ArgonneModel(cfg.model), cfg, tmp_path / "ckpt")
+    other = ArgonneModel(odd_model_config(intermediate_size=768))  # the checkpoint's MLP is 512 wide
+    with pytest.raises(CheckpointError, match=r"does not match this config \(6 tensors differ\): "
+                                              r"layers.0.mlp.gate_proj.weight: checkpoint \(512, 136\) vs model \(768, 136\)"):
+        load_checkpoint(path, ModelOptimizerState(other, None))
+
+
+def test_only_complete_checkpoints_are_found(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for name, complete in [("step-00000010", True), ("step-00000020", True), ("step-00000030.tmp", True),
+                           ("step-00000040", False)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / ".metadata").write_bytes(b"")
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000010", "step-00000020"]
+    assert resolve_checkpoint(tmp_path / "run").name == "step-00000020"
+    assert resolve_checkpoint(root).name == "step-00000020"
+    assert resolve_checkpoint(root / "step-00000010").name == "step-00000010"
+    with pytest.raises(CheckpointError, match="no complete checkpoint here"):
+        resolve_checkpoint(tmp_path / "elsewhere")
