@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,71 @@ def test_bad_override_exits_with_a_message():
     done = run([sys.executable, "launch/train_dt.py", "--config", "tiny.toml", "--trian.steps=3"])
     assert done.returncode == 2
     assert "unknown section [trian] (did you mean 'train'?)" in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_sigterm_to_the_workers_saves_and_exits_0_under_torchrun(tmp_path):
+    """What a cluster scheduler does on preemption: SIGTERM to every process of the job."""
+    import signal
+    import time
+
+    job = tmp_path / "preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "launch/train_dt.py", "--config", "tiny.toml", "--train.steps=1000", "--metrics.log_every=1",
+         "--checkpoint.every=0", "--data.seq_len=32", "--train.micro_batch_size=2", f"--job.dir={job}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # wait until training runs
+            lines.append(line)
+            if line.startswith("step       2 |"):
+                break
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            time.sleep(1)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    stopped = [line for line in output.splitlines() if line.startswith("preempted at step")]
+    assert stopped, output[-3000:]
+    step = int(stopped[0].split()[3].rstrip(";"))
+    assert (job / "checkpoints" / f"step-{step:08d}" / ".metadata").exists()
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path):
+    import signal
+
+    job = tmp_path / "restarted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+         "launch/train_dt.py", "--config", "tiny.toml", "--train.steps=6", "--metrics.log_every=1",
+         "--checkpoint.every=2", "--data.seq_len=32", "--train.micro_batch_size=2", f"--job.dir={job}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step       3 |"):
+                break
+        os.kill(_children(proc.pid)[1], signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    # The restarted group resumed from the newest checkpoint at the time of the kill.
+    assert re.search(r"loading checkpoint \S+step-0000000[24] ", rest), rest[-3000:]
+    assert "completed at step 6" in rest
