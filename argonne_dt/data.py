@@ -108,6 +108,12 @@ class ParquetDocumentReader(BaseNode[list]):
                 "start the data afresh"
             )
         self.epoch, self.file_index = state["epoch"], state["file"]
+        saved_path = state.get("file_path")
+        if saved_path is not None and (self.file_index >= len(self.files) or self.files[self.file_index] != saved_path):
+            raise DataError(
+                f"the data position points into {saved_path} (file {self.file_index}), but data.paths now "
+                "lists other files there: keep data.paths as it was to resume, or start the data afresh"
+            )
         self.bad_shards = list(state["bad_shards"])
         self._parquet = None
         self._rows: list = []
@@ -116,15 +122,17 @@ class ParquetDocumentReader(BaseNode[list]):
             self._load_row_group(self.row_group)
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "file": self.file_index, "row_group": self.row_group, "row": self.row,
-                "bad_shards": list(self.bad_shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        current = self.files[self.file_index] if self.file_index < len(self.files) else None
+        return {"epoch": self.epoch, "file": self.file_index, "file_path": current, "row_group": self.row_group,
+                "row": self.row, "bad_shards": list(self.bad_shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size}
 
     def _bad_shard(self, err: Exception) -> None:
         path = self.files[self.file_index]
         if self.on_bad_shard == "error":
             raise DataError(f"{path}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
         log.warning("skipping unreadable parquet shard %s: %s", path, err)
-        self.bad_shards.append(path)
+        if path not in self.bad_shards:  # counted once, not again every epoch
+            self.bad_shards.append(path)
         self._next_file()
 
     def _next_file(self) -> None:

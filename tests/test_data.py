@@ -267,3 +267,14 @@ def test_fsspec_urls_are_listed_and_streamed(shards, tmp_path):
     assert all(u.startswith("file://") for u in urls)
     assert expand_paths([f"file://{tmp_path}"]) == urls
     assert sorted(_rank_texts(urls, 0, 1)) == sorted(docs)
+
+
+def test_resume_with_other_files_fails_clearly(shards, tmp_path):
+    files, _ = shards
+    loader = build_data_loader(config(), 2, files=files)
+    batches(loader, 5)
+    state = loader.state_dict()
+    other = build_data_loader(config(), 2, files=list(reversed(files)))
+    other.load_state_dict(state)
+    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths now lists other files"):
+        next(iter(other))

@@ -184,10 +184,10 @@ def _resume_one_step_from(tmp: str, corpus: str, source: str, tp: int) -> dict:
 
 def _run_grid_jobs(tmp: str, corpus: str) -> dict:
     """dp 2 x tp 2: uninterrupted vs preempted + resumed."""
-    grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2}
+    grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2, "train.steps": 4}
     return {
         "full": _train(make_config(f"{tmp}/grid_full", corpus, **grid)),
-        "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(3)),
+        "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(2)),
         "second": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
     }
 
