@@ -23,6 +23,7 @@ from argonne_dt.hf import llama_config, to_hf_state_dict
 from argonne_dt.metrics import emit_json
 from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import build_optimizer
+from argonne_dt.parallelize import compile_blocks
 
 _PAGE = 4096
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--no-fused-loss", action="store_true", help="ours: full logits, then cross-entropy")
     parser.add_argument("--no-fused-adamw", action="store_true", help="ours: foreach AdamW like theirs")
     parser.add_argument("--fp32", action="store_true", help="both without bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile attention and MLP per block")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each")
     parser.add_argument("--json", help="also write the results here")
     args, overrides = parser.parse_known_args()
@@ -74,6 +76,8 @@ def main() -> None:
     cfg.optim.fused = not args.no_fused_adamw
     ours = ArgonneModel(cfg.model)
     ours.fused_loss_chunk = 0 if args.no_fused_loss else ours.fused_loss_chunk
+    if args.compile:
+        compile_blocks(ours)
     hf_config = llama_config(cfg.model)
     hf_config._attn_implementation = "sdpa"
     theirs = LlamaForCausalLM(hf_config)
@@ -132,7 +136,7 @@ def main() -> None:
     summary["speedup"] = summary["ours"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
     summary["memory_ratio"] = summary["ours"]["peak_step_memory_mib"] / summary["hf"]["peak_step_memory_mib"]
     summary["settings"] = {"config": args.config, "batch": list(shape), "fused_loss": not args.no_fused_loss,
-                           "fused_adamw": not args.no_fused_adamw, "bf16": not args.fp32,
+                           "fused_adamw": not args.no_fused_adamw, "bf16": not args.fp32, "compile": args.compile,
                            "threads": torch.get_num_threads()}
     print(f"{'':6} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9}")
     for name in ("ours", "hf"):
