@@ -58,7 +58,13 @@ class RMSNorm(nn.Module):
         # fp32 statistics whatever the compute dtype: bf16 sums of squares lose too much.
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        out = self.weight * normed.type_as(x)
+        device = out.device.type
+        if torch.is_autocast_enabled(device):
+            # The residual stream stays fp32; what goes on to the matmuls (and, under sequence
+            # parallelism, through the all-gather in front of them) is already the compute dtype.
+            out = out.to(torch.get_autocast_dtype(device))
+        return out
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
