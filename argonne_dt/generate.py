@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from .config import DataConfig
+from .parallelize import full_value
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
 @dataclass
@@ -56,10 +59,6 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    return logits.full_tensor() if isinstance(logits, DTensor) else logits
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -95,10 +94,10 @@ def generate(
         if recompute:
             length = position + (-position % pad_multiple)
             logits = model(tokens[:, :length], key_mask=key_mask[:, :length])
-            last = _full(logits[:, position - 1]).float()
+            last = full_value(logits[:, position - 1]).float()
         else:
             logits = model(tokens[:, start:position], caches, start, key_mask=key_mask[:, :position])
-            last = _full(logits[:, -1]).float()
+            last = full_value(logits[:, -1]).float()
             start = position
         last = apply_repetition_penalty(last, tokens[:, :position], key_mask[:, :position], cfg.repetition_penalty)
         chosen = sample_next(last, cfg, generator)
@@ -119,40 +118,21 @@ def generate(
     return out
 
 
-def generate_from_checkpoint(
-    checkpoint: str,
+def generate_text(
+    model,
+    data: DataConfig,
     prompts: list[str],
     cfg: SamplingConfig,
+    recompute: bool = False,
+    pad_multiple: int = 1,
     stream: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Load a checkpoint (any TP degree it was saved with) and continue ``prompts``; returns the texts.
+    """Continue text prompts with the tokenizer and BOS convention the model was trained with.
 
-    Run plainly it uses one process; under torchrun the model is tensor parallel over all ranks
-    (without sequence parallelism, so that decoding one token at a time works) and every rank
-    samples the same tokens from the same gathered logits. ``stream`` receives text pieces as they
-    are produced when there is a single prompt.
+    ``stream`` receives text pieces as they are produced when there is a single prompt.
     """
-    import os
-
-    import torch.distributed as dist
-
-    from .checkpoint import load_model, resolve_checkpoint, stored_config
-    from .config import ParallelConfig
-    from .parallelize import build_mesh
-    from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
-
-    mesh = parallel = None
-    device = torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .trainer import init_distributed
-
-        device, _ = init_distributed()
-        parallel = ParallelConfig(tp=dist.get_world_size(), dp=1, sequence_parallel=False, loss_parallel=False)
-        mesh = build_mesh(parallel, dist.get_world_size(), device.type)
-    path = resolve_checkpoint(checkpoint)
-    model, run_cfg = load_model(path, device, mesh, parallel)
-    tokenizer = load_tokenizer(run_cfg.data.tokenizer)
-    bos = [tokenizer.convert_tokens_to_ids(BOS_TOKEN)] if stored_config(path).data.add_bos else []
+    tokenizer = load_tokenizer(data.tokenizer)
+    bos = [tokenizer.convert_tokens_to_ids(BOS_TOKEN)] if data.add_bos else []
     ids = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     produced: list[int] = []
     printed = ""
@@ -167,5 +147,38 @@ def generate_from_checkpoint(
             stream(text[len(printed):])
             printed = text
 
-    out = generate(model, ids, cfg, eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), on_tokens=on_tokens)
+    out = generate(model, ids, cfg, eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), recompute=recompute,
+                   pad_multiple=pad_multiple, on_tokens=on_tokens)
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
+
+
+def generate_from_checkpoint(
+    checkpoint: str,
+    prompts: list[str],
+    cfg: SamplingConfig,
+    stream: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Load a checkpoint (any TP degree it was saved with) and continue ``prompts``; returns the texts.
+
+    Run plainly it uses one process; under torchrun the model is tensor parallel over all ranks
+    (without sequence parallelism, so that decoding one token at a time works) and every rank
+    samples the same tokens from the same gathered logits.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    from .checkpoint import load_model
+    from .config import ParallelConfig
+    from .parallelize import build_mesh
+
+    mesh = parallel = None
+    device = torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .trainer import init_distributed
+
+        device, _ = init_distributed()
+        parallel = ParallelConfig(tp=dist.get_world_size(), dp=1, sequence_parallel=False, loss_parallel=False)
+        mesh = build_mesh(parallel, dist.get_world_size(), device.type)
+    model, run_cfg = load_model(checkpoint, device, mesh, parallel)
+    return generate_text(model, run_cfg.data, prompts, cfg, stream=stream)

@@ -226,6 +226,11 @@ def parallelize(
     return model
 
 
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly distributed tensor (a no-op for plain tensors)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def loss_context(model: nn.Module):
     """``loss_parallel()`` when the logits come out vocab-sharded; forward and backward of the loss go inside."""
     return loss_parallel() if getattr(model, "vocab_sharded_logits", False) else contextlib.nullcontext()

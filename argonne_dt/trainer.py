@@ -21,12 +21,11 @@ import torch.distributed as dist
 from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, resolve_checkpoint
 from .config import Config, ConfigError, validate
 from .data import build_data_loader
-from .generate import SamplingConfig, generate
+from .generate import SamplingConfig, generate_text
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import ArgonneModel
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
-from .parallelize import build_mesh, loss_context, materialize, mesh_dim, parallelize
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
+from .parallelize import build_mesh, full_value, loss_context, materialize, mesh_dim, parallelize
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,13 @@ def build_model(cfg: Config, mesh, device: torch.device) -> ArgonneModel:
                        before_fsdp=partial(materialize, device=device, seed=cfg.train.seed))
 
 
+def mixed_precision(cfg: Config, device: torch.device):
+    """bf16 autocast over the fp32 master weights, or nothing for ``train.dtype = "fp32"``."""
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -130,7 +136,7 @@ def train_step(model, optimizer, micro_batches: list[dict], device: torch.device
         with autocast, loss_context(model):
             loss = model(inputs, targets=targets) / len(micro_batches)
             loss.backward()
-        loss_sum += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+        loss_sum += full_value(loss.detach())
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip).item()
     # Every tp rank holds its dp group's loss, so the sum over the world is tp x the sum over dp
     # ranks, and the mean over dp ranks is that sum / world.
@@ -156,7 +162,7 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
             break
         with autocast, loss_context(model):
             loss = model(batch["input"].to(device), targets=batch["target"].to(device))
-        total[0] += loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+        total[0] += full_value(loss)
         total[1] += 1
     if dist.is_initialized():
         dist.all_reduce(total)  # tp ranks repeat their dp group's numbers: the ratio is unchanged
@@ -173,15 +179,11 @@ def samples(model, cfg: Config, autocast) -> list[str]:
     the TP degree: sequence parallelism shards the sequence, so decode steps of one token are not
     possible; causal attention makes the padding invisible.
     """
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    bos = [tokenizer.convert_tokens_to_ids(BOS_TOKEN)] if cfg.data.add_bos else []
-    prompts = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in cfg.metrics.sample_prompts]
     sp = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
+    greedy = SamplingConfig(max_new_tokens=cfg.metrics.sample_tokens, temperature=0)
     with autocast:
-        out = generate(model, prompts, SamplingConfig(max_new_tokens=cfg.metrics.sample_tokens, temperature=0),
-                       eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), recompute=True,
-                       pad_multiple=cfg.parallel.tp if sp else 1)
-    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
+        return generate_text(model, cfg.data, cfg.metrics.sample_prompts, greedy, recompute=True,
+                             pad_multiple=cfg.parallel.tp if sp else 1)
 
 
 def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -236,8 +238,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(device) * world
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dp_size
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = mixed_precision(cfg, device)
     signals = StopSignals()
     batches = iter(data)
     losses: dict[int, float] = {}
@@ -333,6 +334,5 @@ def evaluate_checkpoint(checkpoint: str, data_paths: list[str], max_batches: int
     model, cfg = load_model(checkpoint)
     data_cfg = replace(cfg.data, paths=data_paths, loop=max_batches > 0)
     batches = build_data_loader(data_cfg, micro_batch_size or cfg.train.micro_batch_size)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = mixed_precision(cfg, torch.device("cpu"))
     return evaluate(model, batches, torch.device("cpu"), autocast, max_batches)

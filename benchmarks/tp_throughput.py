@@ -21,7 +21,7 @@ from argonne_dt.config import load_config
 from argonne_dt.metrics import emit_json, peak_flops, peak_memory_gib
 from argonne_dt.optim import build_optimizer
 from argonne_dt.parallelize import build_mesh, mesh_dim
-from argonne_dt.trainer import build_model, init_distributed, train_step
+from argonne_dt.trainer import build_model, init_distributed, mixed_precision, train_step
 
 _COLLECTIVES = ("c10d::", "nccl:", "gloo:", "allreduce", "all_reduce", "reduce_scatter", "all_gather", "allgather")
 
@@ -61,7 +61,7 @@ def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int,
     dp_rank = dp_mesh.get_local_rank() if dp_mesh is not None else 0
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+    autocast = mixed_precision(cfg, device)
     batches = _batches(cfg, dp_rank, warmup + steps + 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
