@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -91,7 +90,7 @@ class ModelOptimizerState(Stateful):
 
 
 def _check_model_shapes(metadata, model: torch.nn.Module, path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)).items()}
+    expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
     stored = {k.split(".", 2)[-1]: tuple(m.size) for k, m in metadata.state_dict_metadata.items()
               if k.startswith("train.model.") and hasattr(m, "size")}
     differing = [f"{k}: checkpoint {stored.get(k)} vs model {shape}" for k, shape in expected.items() if stored.get(k) != shape]

@@ -150,7 +150,7 @@ def train_step(model, optimizer, micro_batches: list[dict], device: torch.device
 
 
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0) -> dict:
+def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0, source: str = "") -> dict:
     """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
 
     Under data parallelism every rank must run the same number of batches, and the mean is taken
@@ -167,7 +167,8 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
     if dist.is_initialized():
         dist.all_reduce(total)  # tp ranks repeat their dp group's numbers: the ratio is unchanged
     if total[1] == 0:
-        raise ValueError("validation data yielded no batch (too little text for one batch?)")
+        raise ValueError(f"validation data {source} yielded no batch: too little text for one batch of "
+                         "micro_batch_size x (seq_len + 1) tokens")
     mean = (total[0] / total[1]).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
 
@@ -297,7 +298,8 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
                 # A fresh loader each time: every evaluation sees the same batches.
                 held_out = build_data_loader(replace(cfg.data, paths=cfg.data.eval_paths, loop=cfg.train.eval_batches > 0),
                                              cfg.train.micro_batch_size, dp_rank, dp_size)
-                result = evaluate(model, held_out, device, autocast, cfg.train.eval_batches)
+                result = evaluate(model, held_out, device, autocast, cfg.train.eval_batches,
+                                  source=f"data.eval_paths={cfg.data.eval_paths}")
                 metrics.log(progress.step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
                 record.update({f"eval_{k}": v for k, v in result.items()})
             if cfg.metrics.sample_every and progress.step % cfg.metrics.sample_every == 0:
@@ -335,4 +337,4 @@ def evaluate_checkpoint(checkpoint: str, data_paths: list[str], max_batches: int
     data_cfg = replace(cfg.data, paths=data_paths, loop=max_batches > 0)
     batches = build_data_loader(data_cfg, micro_batch_size or cfg.train.micro_batch_size)
     autocast = mixed_precision(cfg, torch.device("cpu"))
-    return evaluate(model, batches, torch.device("cpu"), autocast, max_batches)
+    return evaluate(model, batches, torch.device("cpu"), autocast, max_batches, source=str(data_paths))

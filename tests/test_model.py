@@ -26,7 +26,7 @@ def test_flops_per_token_counts_lm_head_and_attention():
     assert model.flops_per_token(4096) == expected
 
 
-def test_init_statistics(odd_config):
+def test_init_statistics():
     model = ArgonneModel(odd_model_config(num_layers=8, hidden_size=340, head_dim=85, init_std=0.02))
     residual = model.layers[0].attn.o_proj.weight
     assert abs(residual.std().item() - 0.02 / 4) < 0.001
