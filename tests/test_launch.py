@@ -80,7 +80,9 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path):
     import signal
 
     job = tmp_path / "restarted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # Without it, a restarted group can read the dead round's gloo addresses from torchrun's
+    # shared store and fail to connect (pytorch/pytorch#135712); the README says to set it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
          "launch/train_dt.py", "--config", "tiny.toml", "--train.steps=6", "--metrics.log_every=1",
