@@ -129,15 +129,26 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
-    def save(self, step: int, train_state: ModelOptimizerState, extras: dict[str, Any], config: dict) -> None:
+    def save(self, step: int, train_state: ModelOptimizerState, extras: dict[str, Any], config: dict) -> Path:
+        """Write step ``step`` (unless a complete checkpoint of it exists); returns its directory.
+
+        A complete checkpoint is never removed before its replacement is: the same step saved
+        again (a finished run restarted, a stop right after a periodic save) keeps the one on disk.
+        """
         self.wait()
+        final = self.root / f"step-{step:08d}"
+        # Rank 0's view of the file system decides for every rank: a save is collective.
+        complete = [(final / ".metadata").exists()]
+        if dist.is_initialized():
+            dist.broadcast_object_list(complete, src=0)
+        if complete[0]:
+            log.info("step %d is already saved: %s", step, final)
+            return final
         # Pickled, an extra is one leaf for DCP whatever its nesting, so loading needs no template.
         state = {"train": train_state, **{_EXTRA + k: pickle.dumps(v) for k, v in extras.items()}}
-        final = self.root / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
-            if final.exists():  # the same step saved again (e.g. preemption right after a periodic save)
-                shutil.rmtree(final)
+            shutil.rmtree(final, ignore_errors=True)  # never complete (no .metadata): nothing to lose
             tmp.mkdir(parents=True, exist_ok=True)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if dist.is_initialized():
@@ -148,6 +159,7 @@ class Checkpointer:
         else:
             dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
             self._publish(tmp, final)
+        return final
 
     def poll(self, device: torch.device) -> None:
         """Publish a finished asynchronous save (call once per step, on every rank).
@@ -212,6 +224,32 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, extras: list[s
     if verbose:
         print(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s", flush=True)
     return {k[len(_EXTRA):]: pickle.loads(v) for k, v in wanted.items() if k.startswith(_EXTRA)}
+
+
+# Model settings that do not change a tensor's shape but that the trained weights depend on.
+_FIXED_BY_WEIGHTS = ("rope_theta", "norm_eps", "num_heads", "num_kv_heads", "head_dim")
+
+
+def config_changes(path: Path, cfg: Config) -> list[str]:
+    """``section.key: old -> new`` for every value of ``cfg`` that differs from the checkpoint's config.json.
+
+    A run may change its optimizer, schedule, data or logging when it resumes; a change of a model
+    value the weights were trained with (RoPE base, norm epsilon, the head split) is refused.
+    """
+    source = Path(path) / "config.json"
+    if not source.exists():
+        return []
+    stored = json.loads(source.read_text())
+    changes = [(f"{section}.{key}", stored[section][key], value)
+               for section, values in cfg.to_dict().items() if section in stored
+               for key, value in values.items() if key in stored[section] and stored[section][key] != value]
+    for key, old, new in changes:
+        if key.removeprefix("model.") in _FIXED_BY_WEIGHTS:
+            raise CheckpointError(
+                f"{key} is {new!r} in this config but {old!r} in {source}: the checkpoint's weights were "
+                f"trained with {old!r}; set {key}={old!r} to continue from it, or start a new run"
+            )
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
 
 
 def stored_config(path: Path) -> Config:

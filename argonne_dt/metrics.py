@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -57,7 +58,10 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Writes on rank 0 only: a console line, TensorBoard events under ``tb/`` and ``metrics.jsonl``."""
 
-    def __init__(self, job_dir: str | Path, tensorboard: bool, enabled: bool):
+    def __init__(self, job_dir: str | Path, tensorboard: bool, enabled: bool, resume_step: int = 0):
+        """``resume_step``: the step the run continues from; records of later steps (written before
+        a crash or a stop, and about to be repeated) are removed from ``metrics.jsonl`` and purged
+        from TensorBoard."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -65,11 +69,14 @@ class MetricsLogger:
             return
         job_dir = Path(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (job_dir / "metrics.jsonl").open("a", buffering=1)
+        path = job_dir / "metrics.jsonl"
+        if path.exists():
+            _drop_records_after(path, resume_step)
+        self.jsonl = path.open("a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(job_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(job_dir / "tb"), purge_step=resume_step + 1)
 
     def log(self, step: int, scalars: dict[str, float], section: str = "train") -> None:
         if not self.enabled:
@@ -97,6 +104,25 @@ class MetricsLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step``; the file is replaced whole, so a crash leaves one or the other."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _fmt(value: float) -> str:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .loss import cross_entropy_loss, fused_linear_cross_entropy
 
 
 LocalView = Callable[[torch.Tensor], tuple[torch.Tensor, Sequence[int], Sequence[int]]]
@@ -201,14 +202,22 @@ class ArgonneModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # Tokens per chunk of the fused lm_head + loss (0: plain logits then cross-entropy).
-        # parallelize() sets 0 when tensor parallelism shards the vocabulary.
-        self.fused_loss_chunk = 1024
+        self.use_loss_path(fused_chunk=1024, vocab_sharded_logits=False)
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
+
+    def use_loss_path(self, fused_chunk: int, vocab_sharded_logits: bool) -> None:
+        """How ``forward(tokens, targets=...)`` computes the loss.
+
+        ``fused_chunk`` tokens per chunk of the fused lm_head + loss (0: full logits, then
+        cross-entropy); ``vocab_sharded_logits``: the lm_head's output is vocab-sharded (tensor
+        parallel), so the loss must run under ``loss_parallel``. Tensor parallelism sets both.
+        """
+        self.fused_loss_chunk = fused_chunk
+        self.vocab_sharded_logits = vocab_sharded_logits
 
     def tie_weights(self) -> None:
         """One parameter for embedding and lm_head (call again after anything replaces either)."""
@@ -271,7 +280,8 @@ class ArgonneModel(nn.Module):
         seq = tokens.shape[1]
         cos = self.rope_cos[start_pos : start_pos + seq]
         sin = self.rope_sin[start_pos : start_pos + seq]
-        h = self.embed(tokens)
+        # The residual stream is fp32 also when the weights arrive in bf16 (FSDP2's gathers).
+        h = self.embed(tokens).float()
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos, key_mask)
         h = self.norm(h)
@@ -308,55 +318,3 @@ class ArgonneModel(nn.Module):
         without_embedding_lookup = self.num_parameters() - lm_head
         attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
         return 6 * (without_embedding_lookup + lm_head) + attention
-
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32; works on vocab-sharded DTensor logits under ``loss_parallel()``."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
-
-
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` computed chunk by chunk, gradients included.
-
-    Each chunk's logits (chunk x vocab) live only inside the loop: the forward pass also forms
-    the gradients for hidden and weight, and backward only scales them. Matmuls and the softmax
-    output use the autocast dtype when autocast is on (the softmax kernel accumulates in fp32);
-    the loss is -log p(target), summed in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        device = hidden.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        scale = 1.0 / hidden.shape[0]
-        w = weight.to(compute)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = None
-        with torch.autocast(device, enabled=False):
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start : start + chunk]
-                t = targets[start : start + chunk]
-                rows = torch.arange(len(t), device=t.device)
-                probs = torch.softmax(h.to(compute) @ w.t(), dim=-1)
-                loss -= probs[rows, t].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
-                if want_grads:
-                    # d(mean loss)/d(logits) = (softmax - one_hot) / tokens
-                    probs[rows, t] -= 1.0
-                    grad_hidden[start : start + chunk] = (probs @ w).mul_(scale)
-                    part = probs.t() @ (h * scale).to(compute)
-                    grad_weight = part.to(weight.dtype) if grad_weight is None else grad_weight.add_(part)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss * scale
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # In place: the buffers serve this one backward pass (no retain_graph double backward).
-        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None
-
-
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``cross_entropy_loss(hidden @ weight.T, targets)`` without the full (tokens x vocab) logits."""
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)

@@ -45,8 +45,16 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0):
+    """The schedule of ``cfg``, positioned at optimizer step ``start_step`` (a resumed run's step).
+
+    The schedule is a function of the step and the config alone, so a resumed run follows the
+    config it is started with, also when that changed the learning rate or the warmup.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr,
+                                             last_epoch=start_step - 1)
 
 
 @torch.no_grad()

@@ -112,8 +112,8 @@ def apply_tensor_parallel(model: ArgonneModel, tp_mesh: DeviceMesh, sequence_par
     # parallelize_module gave embed and lm_head a DTensor each; both are Shard(0) over the vocab,
     # so one parameter serves both again.
     model.tie_weights()
-    model.vocab_sharded_logits = vocab_parallel_loss
-    model.fused_loss_chunk = 0  # the vocabulary is sharded: the loss goes through loss_parallel
+    # The vocabulary is sharded: the loss goes through the logits (and loss_parallel when they stay sharded).
+    model.use_loss_path(fused_chunk=0, vocab_sharded_logits=vocab_parallel_loss)
 
 
 # Outputs worth keeping in selective (op-level) checkpointing: the expensive matmuls and
@@ -156,8 +156,13 @@ def compile_blocks(model: ArgonneModel) -> None:
 
 
 def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
-    """FSDP2 per block, then the root (embedding, final norm and the tied lm_head)."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    """FSDP2 per block, then the root (embedding, final norm and the tied lm_head).
+
+    Parameters are gathered in ``param_dtype``; block inputs are not cast, so the residual
+    stream and the rotary tables stay fp32 as under pure tensor parallelism (autocast runs the
+    matmuls in bf16 either way).
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
@@ -233,4 +238,4 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 def loss_context(model: nn.Module):
     """``loss_parallel()`` when the logits come out vocab-sharded; forward and backward of the loss go inside."""
-    return loss_parallel() if getattr(model, "vocab_sharded_logits", False) else contextlib.nullcontext()
+    return loss_parallel() if model.vocab_sharded_logits else contextlib.nullcontext()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
-from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, resolve_checkpoint
+from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, config_changes, resolve_checkpoint
 from .config import Config, ConfigError, validate
 from .data import build_data_loader
 from .generate import SamplingConfig, generate_text
@@ -124,19 +125,31 @@ def _all_reduce_max(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def accumulate_gradients(model, micro_batches: list[dict], device: torch.device, autocast) -> torch.Tensor:
+    """Forward + backward over the micro-batches; returns this rank's summed loss / micro-batches.
+
+    Under FSDP2 the gradients are reduce-scattered once, after the last micro-batch: the earlier
+    ones accumulate in the unsharded gradients.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for index, batch in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        inputs, targets = batch["input"].to(device), batch["target"].to(device)
+        with autocast, loss_context(model):
+            loss = model(inputs, targets=targets) / len(micro_batches)
+            loss.backward()
+        loss_sum += full_value(loss.detach())
+    return loss_sum
+
+
 def train_step(model, optimizer, micro_batches: list[dict], device: torch.device, autocast, grad_clip: float):
     """Forward + backward over the micro-batches, global-norm clip, optimizer step unless non-finite.
 
     Returns (loss averaged over micro-batches and dp ranks, gradient norm, whether the step was
     applied). Every rank gets the same numbers, so all take the same decision.
     """
-    loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
-        inputs, targets = batch["input"].to(device), batch["target"].to(device)
-        with autocast, loss_context(model):
-            loss = model(inputs, targets=targets) / len(micro_batches)
-            loss.backward()
-        loss_sum += full_value(loss.detach())
+    loss_sum = accumulate_gradients(model, micro_batches, device, autocast)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip).item()
     # Every tp rank holds its dp group's loss, so the sum over the world is tp x the sum over dp
     # ranks, and the mean over dp ranks is that sum / world.
@@ -206,7 +219,6 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
 
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     data = build_data_loader(cfg.data, cfg.train.micro_batch_size, dp_rank, dp_size)
     # Asynchronous saves run their collectives in a background thread, beside training's: they need
     # a process group of their own (gloo: the data being written is on the CPU by then).
@@ -218,24 +230,31 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
 
     latest = checkpointer.latest()
     if latest is not None:
-        extras = checkpointer.load(latest, train_state, ["progress", "scheduler", data_key, rng_key])
+        changes = config_changes(latest, cfg)
+        if changes and rank == 0:
+            print(f"resuming {latest} with changed settings: " + "; ".join(changes), flush=True)
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        extras = checkpointer.load(latest, train_state, ["progress", data_key, rng_key])
+        for group, values in zip(optimizer.param_groups, configured):
+            group.update(values)  # this config's weight decay, betas, eps; not the checkpoint's
         progress = Progress(**extras["progress"])
-        scheduler.load_state_dict(extras["scheduler"])
         if data_key not in extras:
             raise CheckpointError(f"{latest}: no data position for dp rank {dp_rank} (it was saved with fewer dp ranks)")
         data.load_state_dict(extras[data_key])
         if rng_key in extras:
             _set_rng_state(extras[rng_key], device)
     elif cfg.checkpoint.initial_load_path:
-        checkpointer.load(resolve_checkpoint(cfg.checkpoint.initial_load_path), ModelOptimizerState(model, None), [])
+        initial = resolve_checkpoint(cfg.checkpoint.initial_load_path)
+        config_changes(initial, cfg)  # refuses model settings the weights were not trained with
+        checkpointer.load(initial, ModelOptimizerState(model, None), [])
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps, start_step=progress.step)
 
     def save() -> Path:
-        extras = {"progress": asdict(progress), "scheduler": scheduler.state_dict(),
-                  data_key: data.state_dict(), rng_key: _rng_state(device)}
-        checkpointer.save(progress.step, train_state, extras, cfg.to_dict())
-        return checkpointer.root / f"step-{progress.step:08d}"
+        extras = {"progress": asdict(progress), data_key: data.state_dict(), rng_key: _rng_state(device)}
+        return checkpointer.save(progress.step, train_state, extras, cfg.to_dict())
 
-    metrics = MetricsLogger(job_dir, cfg.metrics.tensorboard, enabled=rank == 0)
+    # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
+    metrics = MetricsLogger(job_dir, cfg.metrics.tensorboard, enabled=rank == 0, resume_step=progress.step)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(device) * world
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dp_size

@@ -75,7 +75,8 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     cfg.optim.fused = not args.no_fused_adamw
     ours = ArgonneModel(cfg.model)
-    ours.fused_loss_chunk = 0 if args.no_fused_loss else ours.fused_loss_chunk
+    if args.no_fused_loss:
+        ours.use_loss_path(fused_chunk=0, vocab_sharded_logits=False)
     if args.compile:
         compile_blocks(ours)
     hf_config = llama_config(cfg.model)

@@ -55,3 +55,39 @@ def test_only_complete_checkpoints_are_found(tmp_path):
     assert resolve_checkpoint(root / "step-00000010").name == "step-00000010"
     with pytest.raises(CheckpointError, match="no complete checkpoint here"):
         resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_a_complete_checkpoint_survives_a_resave_and_a_crashed_save(tmp_path, monkeypatch):
+    from argonne_dt import checkpoint
+    from argonne_dt.checkpoint import Checkpointer
+
+    cfg = _config()
+    model = ArgonneModel(cfg.model)
+    saver = Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False)
+    state = ModelOptimizerState(model, None)
+    first = saver.save(2, state, {"progress": {"step": 2}}, cfg.to_dict())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", crash)
+    # The same step again (a finished run restarted): the complete one is kept, nothing is rewritten.
+    assert saver.save(2, state, {"progress": {"step": 2}}, cfg.to_dict()) == first
+    with pytest.raises(OSError, match="disk full"):
+        saver.save(4, state, {"progress": {"step": 4}}, cfg.to_dict())
+    assert complete_checkpoints(saver.root) == [first]
+    reloaded = ArgonneModel(cfg.model)
+    assert load_checkpoint(first, ModelOptimizerState(reloaded, None), ["progress"]) == {"progress": {"step": 2}}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_resume_names_changed_settings_and_refuses_model_values_the_weights_depend_on(tmp_path):
+    from argonne_dt.checkpoint import config_changes
+
+    cfg = _config()
+    path = write_model_checkpoint(ArgonneModel(cfg.model), cfg, tmp_path / "ckpt")
+    cfg.optim.lr, cfg.optim.weight_decay = 5e-5, 0.05
+    assert config_changes(path, cfg) == ["optim.lr: 0.0001 -> 5e-05", "optim.weight_decay: 0.1 -> 0.05"]
+    cfg.model.rope_theta = 500_000.0
+    with pytest.raises(CheckpointError, match=r"model.rope_theta is 500000.0 in this config but 10000.0 in .*config.json"):
+        config_changes(path, cfg)

@@ -3,7 +3,8 @@ import torch
 
 from argonne_dt.config import load_config
 from argonne_dt.hf import from_hf_state_dict, llama_config, to_hf_state_dict
-from argonne_dt.model import ArgonneModel, cross_entropy_loss, seeded_normal_
+from argonne_dt.loss import cross_entropy_loss
+from argonne_dt.model import ArgonneModel, seeded_normal_
 from conftest import odd_model_config
 
 
@@ -137,7 +138,7 @@ def test_fused_lm_head_loss_equals_logits_then_cross_entropy(odd_config):
     grads, losses = [], []
     for chunk in (0, 7):  # 0: plain logits; 7 does not divide the 60 tokens
         model.zero_grad()
-        model.fused_loss_chunk = chunk
+        model.use_loss_path(fused_chunk=chunk, vocab_sharded_logits=False)
         loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         losses.append(loss.detach())

@@ -6,6 +6,7 @@ case's measurements.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from functools import partial
@@ -18,7 +19,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from argonne_dt.config import ConfigError, ParallelConfig
-from argonne_dt.model import ArgonneModel, cross_entropy_loss
+from argonne_dt.loss import cross_entropy_loss
+from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import clip_grad_norm_
 from argonne_dt.parallelize import build_mesh, loss_context, materialize, parallelize
 from conftest import odd_model_config
@@ -109,14 +111,19 @@ def _run_case(shape, parallel_kwargs) -> dict:
 
 
 def _bf16_dtypes(shape, parallel_kwargs) -> dict:
-    """Output dtypes of matmuls and the dtype of the master weights under bf16 autocast."""
+    """Under bf16 autocast (and bf16 FSDP gathers): matmul outputs, block inputs, master weights."""
     parallel = ParallelConfig(**parallel_kwargs)
-    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), _mesh(shape, parallel), parallel)
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), _mesh(shape, parallel), parallel,
+                        param_dtype=torch.bfloat16)
     seen = {}
     for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
         model.get_submodule(name).register_forward_hook(
             lambda mod, args, out, name=name: seen.__setitem__(name, str(out.dtype))
         )
+    # What a block receives: the residual stream (seen by its first norm) and the rotary tables.
+    model.layers[1].attn_norm.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("residual", str(args[0].dtype)))
+    model.layers[1].attn.register_forward_pre_hook(lambda mod, args: seen.__setitem__("rotary", str(args[1].dtype)))
     tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ + 1))
     with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model):
         loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
@@ -157,10 +164,51 @@ def _errors() -> dict:
     return messages
 
 
+def _accumulation(shape, parallel_kwargs) -> dict:
+    """Two accumulated micro-batches through the trainer's own loop, against one device's full batch:
+    gradients, and how many reduce-scatters FSDP2 issued."""
+    from argonne_dt.trainer import accumulate_gradients
+
+    parallel = ParallelConfig(**parallel_kwargs)
+    mesh = _mesh(shape, parallel)
+    reference = ArgonneModel(odd_model_config(**MODEL))
+    model = parallelize(copy.deepcopy(reference), mesh, parallel)
+    tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(2))
+    local = tokens.chunk(parallel.dp)[mesh.get_local_rank("dp")]
+    micro_batches = [{"input": half[:, :-1], "target": half[:, 1:]} for half in local.chunk(2)]
+    cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:]).backward()
+
+    reduce_scatters = 0
+    # FSDP2 calls one of these, depending on the torch release.
+    real = {name: getattr(dist, name) for name in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, name)}
+
+    def counting(function):
+        def call(*args, **kwargs):
+            nonlocal reduce_scatters
+            reduce_scatters += 1
+            return function(*args, **kwargs)
+        return call
+
+    for name, function in real.items():
+        setattr(dist, name, counting(function))
+    try:
+        accumulate_gradients(model, micro_batches, torch.device("cpu"), contextlib.nullcontext())
+    finally:
+        for name, function in real.items():
+            setattr(dist, name, function)
+    ref_params = dict(reference.named_parameters())
+    grad_errors = {_clean(n): _max_rel_err(_full(p.grad), ref_params[_clean(n)].grad) for n, p in model.named_parameters()}
+    return {"grad_errors": grad_errors, "reduce_scatters": reduce_scatters,
+            "fsdp_modules": 1 + len(model.layers)}
+
+
 def _all_cases() -> dict:
     results = {name: _run_case(shape, kwargs) for name, (shape, kwargs) in CASES.items()}
     results["bf16_tp2"] = _bf16_dtypes((2, 2), dict(tp=2))
     results["bf16_dp2_tp2"] = _bf16_dtypes((2, 2), dict(tp=2, dp=2))
+    results["bf16_dp4"] = _bf16_dtypes((4, 1), dict(tp=1, dp=4))
+    results["accumulate_dp2_tp2"] = _accumulation((2, 2), dict(tp=2, dp=2))
+    results["accumulate_dp4"] = _accumulation((4, 1), dict(tp=1, dp=4))
     results["errors"] = _errors()
     results["materialize"] = {
         "tp4": _materialize_errors((4,), dict(tp=4)),
@@ -213,13 +261,25 @@ def test_tp4_local_shards(per_rank):
         assert shapes["layers.1.mlp_norm.weight"] == (144,)
 
 
-@pytest.mark.parametrize("case", ["bf16_tp2", "bf16_dp2_tp2"])
-def test_bf16_autocast_reaches_tensor_parallel_matmuls(per_rank, case):
+@pytest.mark.parametrize("case", ["bf16_tp2", "bf16_dp2_tp2", "bf16_dp4"])
+def test_bf16_matmuls_over_an_fp32_residual_stream_under_tp_and_fsdp(per_rank, case):
     for results in per_rank:
         seen = results[case]
         assert seen["layers.0.attn.q_proj"] == seen["layers.1.mlp.down_proj"] == "torch.bfloat16"
         assert seen["lm_head"] == "torch.bfloat16"
         assert seen["master_weights"] == ["torch.float32"]
+        # FSDP2 must not cast block inputs: the numerics may not depend on the dp size.
+        assert seen["residual"] == seen["rotary"] == "torch.float32"
+
+
+@pytest.mark.parametrize("case", ["accumulate_dp2_tp2", "accumulate_dp4"])
+def test_fsdp_accumulation_reduces_gradients_once_per_step(per_rank, case):
+    for rank, results in enumerate(per_rank):
+        r = results[case]
+        worst = max(r["grad_errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-4, (rank, worst)
+        # One reduce-scatter per FSDP unit (the blocks and the root), not one per micro-batch.
+        assert r["reduce_scatters"] == r["fsdp_modules"], (rank, r["reduce_scatters"])
 
 
 def test_meta_model_initialized_shard_by_shard_equals_single_device_init(per_rank):

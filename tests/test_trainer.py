@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from argonne_dt.checkpoint import complete_checkpoints
 from argonne_dt.config import Config, load_config
+from argonne_dt.optim import lr_at
 from conftest import documents, write_parquet
 from distributed import run_distributed
 
@@ -62,6 +63,7 @@ def _run_tp2_jobs(tmp: str, corpus: str) -> dict:
     out["full"] = _train(make_config(f"{tmp}/full", corpus, **accum, **extras))
     out["first"] = _train(make_config(f"{tmp}/resumed", corpus, **accum), on_step=_sigterm_at(3))
     out["second"] = _train(make_config(f"{tmp}/resumed", corpus, **accum))
+    out["changed"] = _resume_with_other_hyperparameters(tmp, corpus, accum)
     out["async"] = _train(make_config(f"{tmp}/async", corpus, **accum, **{"checkpoint.async_save": True}))
     out["warm_start"] = _train(make_config(f"{tmp}/warm", corpus, **accum, **{
         "checkpoint.initial_load_path": f"{tmp}/full", "train.steps": 1}))
@@ -71,6 +73,29 @@ def _run_tp2_jobs(tmp: str, corpus: str) -> dict:
     except Exception as err:  # noqa: BLE001 - the message is what the test checks
         out["nan_error"] = f"{type(err).__name__}: {err}"
     return out
+
+
+def _resume_with_other_hyperparameters(tmp: str, corpus: str, accum: dict) -> dict:
+    """The finished run continued for 2 more steps with another lr, warmup and weight decay."""
+    import torch.distributed as dist
+
+    from argonne_dt import trainer
+
+    if dist.get_rank() == 0:
+        shutil.copytree(f"{tmp}/full/checkpoints", f"{tmp}/changed/checkpoints")
+    dist.barrier()
+    optimizers = []
+    real_build = trainer.build_optimizer
+    trainer.build_optimizer = lambda *args: optimizers.append(real_build(*args)) or optimizers[-1]
+    lrs = {}
+    try:
+        cfg = make_config(f"{tmp}/changed", corpus, **accum, **{
+            "train.steps": STEPS + 2, "optim.lr": 1.5e-3, "optim.min_lr": 1e-4, "optim.weight_decay": 0.05})
+        result = _train(cfg, on_step=lambda step, record: lrs.__setitem__(step, record["lr"]))
+    finally:
+        trainer.build_optimizer = real_build
+    return {**result, "lrs": lrs, "weight_decays": [g["weight_decay"] for g in optimizers[0].param_groups],
+            "expected_lrs": {s: lr_at(s - 1, cfg.optim, cfg.train.steps) for s in lrs}}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +153,16 @@ def test_initial_load_path_starts_from_another_runs_weights(tp2_runs):
     warm = per_rank[0]["warm_start"]["losses"]
     # The first batch again, now seen by the trained weights: lower than at step 1 of the fresh run.
     assert warm[1] < full[1] - 0.1
+
+
+def test_a_resumed_run_takes_the_new_optimizer_and_schedule_values(tp2_runs):
+    _, per_rank = tp2_runs
+    for r in per_rank:
+        changed = r["changed"]
+        assert changed["status"] == "completed" and sorted(changed["lrs"]) == [STEPS + 1, STEPS + 2]
+        for step, lr in changed["lrs"].items():  # the new peak and total steps, not the stored ones
+            assert math.isclose(lr, changed["expected_lrs"][step], rel_tol=1e-12)
+        assert changed["weight_decays"] == [0.05, 0.0]
 
 
 def test_preemption_saved_at_the_step_boundary(tp2_runs):
@@ -239,6 +274,15 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, cor
     assert not (checkpoints / "step-00000004.tmp").exists()
     assert result["status"] == "completed"
     assert result["losses"] == {s: tp2[0]["full"]["losses"][s] for s in range(3, STEPS + 1)}
+    # Steps 3 and 4 were logged before the kill and again after the resume: each appears once.
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in records if "loss" in r][2:] == [tp2[0]["full"]["losses"][s] for s in range(3, STEPS + 1)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "killed" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
 def _resume_after_kill(tmp: str, corpus: str) -> dict:
@@ -260,7 +304,7 @@ def test_validation_of_a_checkpoint_equals_the_direct_loss(tp2_runs, corpus):
 
     from argonne_dt.checkpoint import load_model
     from argonne_dt.data import build_data_loader
-    from argonne_dt.model import cross_entropy_loss
+    from argonne_dt.loss import cross_entropy_loss
     from argonne_dt.trainer import evaluate_checkpoint
 
     tmp, per_rank = tp2_runs

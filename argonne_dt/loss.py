@@ -1,0 +1,80 @@
+"""Next-token losses: plain cross-entropy on logits, and the fused chunked lm_head + cross-entropy.
+
+Numerics (both paths): the loss of a token is ``logsumexp(logits) - logits[target]``, exact for
+any logit gap (``-log(p)`` saturates at ~87 nats in fp32); the softmax, the (softmax - one_hot)
+gradient and every accumulation are fp32. Only the matmuls run in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32; works on vocab-sharded DTensor logits under ``loss_parallel()``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def _chunked_loss(hidden, weight, targets, chunk: int, want_grads: bool):
+    """Summed loss over all tokens and, with ``want_grads``, the gradients of the *mean* loss.
+
+    Per chunk of tokens: logits = h @ W.T in the compute dtype, upcast to fp32; log-softmax in
+    fp32 gives the loss exactly; its exp minus the one-hot (fp32) is d(loss)/d(logits). The
+    two gradient matmuls take that fp32 difference cast to the compute dtype (a relative
+    rounding, not the cancellation of a bf16 probability near 1), and grad_weight is summed over
+    chunks in fp32.
+    """
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    scale = 1.0 / hidden.shape[0]
+    w = weight.to(compute)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
+    with torch.autocast(device, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(compute)
+            t = targets[start : start + chunk]
+            rows = torch.arange(len(t), device=t.device)
+            log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+            loss -= log_probs[rows, t].sum()
+            if not want_grads:
+                continue
+            d_logits = log_probs.exp_()
+            d_logits[rows, t] -= 1.0
+            d_logits = d_logits.to(compute)
+            grad_hidden[start : start + chunk] = (d_logits @ w).mul_(scale)
+            grad_weight += d_logits.t() @ h
+    if want_grads:
+        grad_weight.mul_(scale)
+    return loss, grad_hidden, grad_weight
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The forward pass forms the gradients too (the chunk's logits live only inside the loop);
+    backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        loss, grad_hidden, grad_weight = _chunked_loss(hidden, weight, targets, chunk, want_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / hidden.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # In place: the buffers serve this one backward pass (no retain_graph double backward).
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``cross_entropy_loss(hidden @ weight.T, targets)`` without the full (tokens x vocab) logits.
+
+    Without grad mode (evaluation) or without inputs that need gradients, only the loss is
+    computed: no gradient matmuls, no gradient buffers.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    loss, _, _ = _chunked_loss(hidden, weight, targets, chunk, want_grads=False)
+    return loss / hidden.shape[0]
