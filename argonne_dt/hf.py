@@ -155,7 +155,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
     out.mkdir(parents=True, exist_ok=True)
     llama_config(cfg.model, _DTYPES[dtype], bos, eos).save_pretrained(out)
     GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _prepend_bos(tokenizer, BOS_TOKEN if cfg.data.add_bos else None).save_pretrained(out)
 
     weights = to_hf_state_dict(model.state_dict())
     itemsize = torch.finfo(_DTYPES[dtype]).bits // 8
@@ -180,6 +180,25 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
         total = sum(t.numel() * itemsize for t in weights.values())
         (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
+
+
+def _prepend_bos(tokenizer, bos_token: str | None):
+    """A copy of ``tokenizer`` whose ``tokenizer(text)`` starts with ``bos_token``, as training and
+    ``generate`` put it before every document; Hugging Face users then condition the model alike."""
+    import copy
+
+    from tokenizers import processors
+
+    if bos_token is None:
+        return tokenizer
+    exported = copy.deepcopy(tokenizer)
+    backend = exported.backend_tokenizer
+    bos = (bos_token, exported.convert_tokens_to_ids(bos_token))
+    template = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A $B:1",
+                                             special_tokens=[bos])
+    existing = backend.post_processor
+    backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    return exported
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5") -> Path:

@@ -45,7 +45,9 @@ def test_hugging_face_loads_the_export_and_agrees(checkpoint, exported):
                          pad_token_id=151643)[0, 5:].tolist()
     assert ours_greedy == theirs
     tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
-    assert tokenizer("Hello, world!")["input_ids"] == [9707, 11, 1879, 0] and len(tokenizer) == 151_665
+    # BOS first, as in training: <|im_start|> "Hello, world!"
+    assert tokenizer("Hello, world!")["input_ids"] == [151644, 9707, 11, 1879, 0] and len(tokenizer) == 151_665
+    assert tokenizer.decode(tokenizer("Hello, world!")["input_ids"], skip_special_tokens=True) == "Hello, world!"
     generation = json.loads((exported / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (151644, 151645)
 
@@ -77,3 +79,18 @@ def test_import_refuses_other_architectures(exported, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: not an Argonne-shaped Llama: tie_word_embeddings=false"):
         import_hf(bad, tmp_path / "out")
+
+
+def test_hugging_face_prompting_the_export_continues_as_our_generation(checkpoint, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from argonne_dt.generate import generate_from_checkpoint
+
+    prompts = ["Long long time ago, ", "def main():"]
+    ours = generate_from_checkpoint(str(checkpoint), prompts, SamplingConfig(max_new_tokens=12, temperature=0))
+    hf = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    for prompt, text in zip(prompts, ours):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=151643)
+        assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
