@@ -88,7 +88,11 @@ class DataConfig:
     prefetch: int = _doc("batches prepared ahead of the training step", default=4)
     tokenize_batch_size: int = _doc("documents per tokenizer call", default=64)
     loop: bool = _doc("start a new epoch when the shards are exhausted (else stop)", default=True)
-    on_bad_shard: str = _doc("'skip' (warn and count) or 'error' on an unreadable shard", default="skip")
+    on_bad_shard: str = _doc("'skip' (warn and count) or 'error' on an unreadable file or row group",
+                             default="skip")
+    read_retries: int = _doc("attempts again after a read error (network / NFS) before a shard counts as bad",
+                             default=3)
+    retry_backoff_s: float = _doc("wait before the first retry; doubled for each next one", default=1.0)
     eval_paths: list[str] = _doc("held-out parquet files / dirs / globs for validation; empty: none",
                                  default_factory=list)
 
@@ -331,6 +335,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
             "parallel.sequence_parallel=true (or turn sequence parallelism off)",
         )
     _require(d.on_bad_shard in ("skip", "error"), f"data.on_bad_shard={d.on_bad_shard!r} must be skip or error")
+    _require(d.read_retries >= 0, f"data.read_retries must be >= 0, got {d.read_retries}")
+    _require(d.retry_backoff_s >= 0, f"data.retry_backoff_s must be >= 0, got {d.retry_backoff_s}")
     _require(d.num_workers >= 1, f"data.num_workers must be >= 1, got {d.num_workers}")
     _require(
         config.train.eval_every == 0 or bool(d.eval_paths),

@@ -17,6 +17,7 @@ import glob as globlib
 import logging
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, Prefetcher
 
 from .config import DataConfig
@@ -65,6 +67,15 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return files
 
 
+def data_files(paths: list[str]) -> list[str]:
+    """The parquet files of ``data.paths`` (or of ``data.eval_paths``); the bundled sample corpus when empty."""
+    if paths:
+        return expand_paths(paths)
+    from .corpus import sample_corpus
+
+    return expand_paths([str(sample_corpus())])
+
+
 def _open(path: str):
     if "://" in path:
         import fsspec
@@ -80,111 +91,232 @@ def _texts(column: pa.ChunkedArray) -> list[str | None]:
     return column.to_pylist()
 
 
-class ParquetDocumentReader(BaseNode[list]):
-    """Yields lists of up to ``batch_size`` texts, streaming one row group at a time.
+def _retrying(action, what: str, retries: int, backoff_s: float):
+    """``action()``, tried again after an ``OSError`` (a network or NFS hiccup) with doubling delays."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except OSError as err:
+            if attempt == retries:
+                raise
+            delay = backoff_s * 2**attempt
+            log.warning("%s: %s; retrying in %.1f s (%d of %d)", what, err, delay, attempt + 1, retries)
+            time.sleep(delay)
 
-    Row group ``g`` of file ``f`` belongs to dp rank ``(f + g) % dp_size``: disjoint across
-    ranks, complete together, and balanced also when there are fewer files than ranks.
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``start`` to ``stop`` (exclusive) of one row group of one file: the unit a rank reads."""
+
+    file: str
+    row_group: int
+    start: int
+    stop: int
+
+    def describe(self) -> str:
+        return f"{self.file} (row group {self.row_group}, rows {self.start}-{self.stop})"
+
+
+@dataclass(frozen=True)
+class SharePlan:
+    """Each dp rank's segments, and the files that could not be read when the plan was made.
+
+    The files' rows, in order, are cut into ``dp_size`` contiguous ranges of equal length (to
+    one row): complete, disjoint and balanced whatever the number of files and row groups, also
+    with one row group in all. A row group cut between two ranks is read by both, each keeping
+    its own rows.
     """
 
-    def __init__(self, files: list[str], text_column: str, dp_rank: int, dp_size: int, batch_size: int,
-                 loop: bool, on_bad_shard: str):
+    shares: tuple[tuple[Segment, ...], ...]
+    unreadable: tuple[str, ...] = ()
+
+    @property
+    def dp_size(self) -> int:
+        return len(self.shares)
+
+
+def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths") -> SharePlan:
+    """Read the files' row counts (parquet footers only) and cut them into ``dp_size`` shares.
+
+    A layout that cannot give every rank a row fails here, at start-up, naming the data.
+    """
+    if not files:
+        raise DataError(f"{source}: no parquet files to read")
+    row_groups: list[tuple[str, int, int]] = []
+    unreadable: list[str] = []
+    for path in files:
+        try:
+            metadata = _retrying(lambda: _read_metadata(path), path, cfg.read_retries, cfg.retry_backoff_s)
+        except (pa.ArrowException, OSError) as err:
+            if cfg.on_bad_shard == "error":
+                raise DataError(f"{path}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
+            log.warning("skipping unreadable parquet shard %s: %s", path, err)
+            unreadable.append(path)
+            continue
+        names = metadata.schema.to_arrow_schema().names
+        if cfg.text_column not in names:
+            raise DataError(f"{path}: no column {cfg.text_column!r} (columns: {', '.join(names)}); set data.text_column")
+        row_groups += [(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+    total = sum(rows for _, _, rows in row_groups)
+    if total < dp_size:
+        raise DataError(
+            f"{source}: {total} readable rows in {len(files)} file(s) cannot give each of {dp_size} data-parallel "
+            "ranks a share: add data or use fewer dp ranks"
+        )
+    bounds = [rank * total // dp_size for rank in range(dp_size + 1)]
+    shares: list[list[Segment]] = [[] for _ in range(dp_size)]
+    offset = 0
+    for path, group, rows in row_groups:
+        for rank in range(dp_size):
+            lo, hi = max(bounds[rank], offset), min(bounds[rank + 1], offset + rows)
+            if lo < hi:
+                shares[rank].append(Segment(path, group, lo - offset, hi - offset))
+        offset += rows
+    return SharePlan(tuple(map(tuple, shares)), tuple(unreadable))
+
+
+def _read_metadata(path: str):
+    source = _open(path)
+    try:
+        return pq.ParquetFile(source).metadata
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+
+
+def shared_plan(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths") -> SharePlan:
+    """``plan_shares`` computed once, on global rank 0, and received by every rank (one plan for all;
+    a bad layout fails on every rank with the same message)."""
+    if not dist.is_initialized():
+        return plan_shares(files, dp_size, cfg, source)
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("plan", plan_shares(files, dp_size, cfg, source))
+        except DataError as err:
+            outcome[0] = ("error", str(err))
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise DataError(value)
+    return value
+
+
+class ParquetDocumentReader(BaseNode[list]):
+    """Yields lists of up to ``batch_size`` texts of this dp rank's share, one row group at a time.
+
+    A read that fails with an ``OSError`` is tried again (``data.read_retries``, doubling delays
+    from ``data.retry_backoff_s``); then an unopenable file is skipped for this epoch, and an
+    unreadable row group skips that row group only. Each is counted once in ``bad_shards``.
+    """
+
+    def __init__(self, plan: SharePlan, dp_rank: int, cfg: DataConfig, batch_size: int):
         super().__init__()
-        if not files:
-            raise DataError("data.paths: no parquet files to read")
-        self.files, self.text_column = files, text_column
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.batch_size, self.loop, self.on_bad_shard = batch_size, loop, on_bad_shard
+        self.plan, self.dp_rank, self.cfg, self.batch_size = plan, dp_rank, cfg, batch_size
+        self.share = plan.shares[dp_rank]
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        state = initial_state or {"epoch": 0, "file": 0, "row_group": -1, "row": 0, "bad_shards": [],
-                                  "dp_rank": self.dp_rank, "dp_size": self.dp_size}
-        if (state["dp_rank"], state["dp_size"]) != (self.dp_rank, self.dp_size):
+        state = initial_state or {"epoch": 0, "segment": -1, "row": 0, "segment_key": None,
+                                  "bad_shards": list(self.plan.unreadable), "dp_rank": self.dp_rank,
+                                  "dp_size": self.plan.dp_size}
+        if (state["dp_rank"], state["dp_size"]) != (self.dp_rank, self.plan.dp_size):
             raise DataError(
                 f"the data position was saved by dp rank {state['dp_rank']} of {state['dp_size']}, "
-                f"now dp rank {self.dp_rank} of {self.dp_size}: resuming with another number of "
+                f"now dp rank {self.dp_rank} of {self.plan.dp_size}: resuming with another number of "
                 "data-parallel ranks would skip or repeat documents; keep the number of nodes or "
                 "start the data afresh"
             )
-        self.epoch, self.file_index = state["epoch"], state["file"]
-        saved_path = state.get("file_path")
-        if saved_path is not None and (self.file_index >= len(self.files) or self.files[self.file_index] != saved_path):
+        self.epoch, self.segment, self.row = state["epoch"], state["segment"], state["row"]
+        saved, at = state["segment_key"], max(self.segment, 0)
+        if saved is not None and (at >= len(self.share) or self._key(self.share[at]) != saved):
             raise DataError(
-                f"the data position points into {saved_path} (file {self.file_index}), but data.paths now "
-                "lists other files there: keep data.paths as it was to resume, or start the data afresh"
+                f"the data position points into {Segment(*saved).describe()}, but data.paths now lists other "
+                "files there: keep data.paths as it was to resume, or start the data afresh"
             )
         self.bad_shards = list(state["bad_shards"])
-        self._parquet = None
+        self._parquet, self._parquet_path = None, None
         self._rows: list = []
-        self.row_group, self.row = state["row_group"], state["row"]
-        if self.row_group >= 0 and self._open_file():  # resume inside a row group: read it again
-            self._load_row_group(self.row_group)
+        self._unopenable: set[str] = set()
+        if self.segment >= 0 and not self._load(self.share[self.segment]):  # resume inside a segment
+            self.row = 0
+
+    @staticmethod
+    def _key(segment: Segment) -> list:
+        return [segment.file, segment.row_group, segment.start, segment.stop]
 
     def get_state(self) -> dict:
-        current = self.files[self.file_index] if self.file_index < len(self.files) else None
-        return {"epoch": self.epoch, "file": self.file_index, "file_path": current, "row_group": self.row_group,
-                "row": self.row, "bad_shards": list(self.bad_shards), "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        # The segment read (or, before the first read, about to be read) names the data for the
+        # check on resume that data.paths still lists the same files there.
+        at = max(self.segment, 0)
+        return {"epoch": self.epoch, "segment": self.segment, "row": self.row,
+                "segment_key": self._key(self.share[at]) if at < len(self.share) else None,
+                "bad_shards": list(self.bad_shards),
+                "dp_rank": self.dp_rank, "dp_size": self.plan.dp_size}
 
-    def _bad_shard(self, err: Exception) -> None:
-        path = self.files[self.file_index]
-        if self.on_bad_shard == "error":
-            raise DataError(f"{path}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
-        log.warning("skipping unreadable parquet shard %s: %s", path, err)
-        if path not in self.bad_shards:  # counted once, not again every epoch
-            self.bad_shards.append(path)
-        self._next_file()
+    def _bad(self, what: str, err: Exception) -> None:
+        if self.cfg.on_bad_shard == "error":
+            raise DataError(f"{what}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
+        log.warning("skipping unreadable parquet shard %s: %s", what, err)
+        if what not in self.bad_shards:  # counted once, not again every epoch
+            self.bad_shards.append(what)
 
-    def _next_file(self) -> None:
-        self._parquet, self._rows = None, []
-        self.file_index, self.row_group, self.row = self.file_index + 1, -1, 0
+    def _open_file(self, path: str) -> None:
+        def attempt():
+            return pq.ParquetFile(_open(path))
 
-    def _open_file(self) -> bool:
-        path = self.files[self.file_index]
+        self._parquet = _retrying(attempt, path, self.cfg.read_retries, self.cfg.retry_backoff_s)
+        self._parquet_path = path
+
+    def _load(self, segment: Segment) -> bool:
+        """Read ``segment``'s rows; False (after counting it) when it cannot be read."""
+        if self._parquet_path != segment.file:
+            try:
+                self._open_file(segment.file)
+            except (pa.ArrowException, OSError) as err:
+                self._parquet, self._parquet_path = None, None
+                self._unopenable.add(segment.file)
+                self._bad(segment.file, err)
+                return False
+
+        def attempt():
+            try:
+                return self._parquet.read_row_group(segment.row_group, columns=[self.cfg.text_column])
+            except OSError:
+                self._open_file(segment.file)  # the handle may be what broke: a fresh one for the retry
+                raise
+
+        what = f"{segment.file} row group {segment.row_group}"
         try:
-            self._parquet = pq.ParquetFile(_open(path))
+            table = _retrying(attempt, what, self.cfg.read_retries, self.cfg.retry_backoff_s)
         except (pa.ArrowException, OSError) as err:
-            self._bad_shard(err)
+            self._bad(what, err)
             return False
-        names = self._parquet.schema_arrow.names
-        if self.text_column not in names:
-            raise DataError(f"{path}: no column {self.text_column!r} (columns: {', '.join(names)}); set data.text_column")
-        return True
-
-    def _load_row_group(self, index: int) -> bool:
-        try:
-            table = self._parquet.read_row_group(index, columns=[self.text_column])
-        except (pa.ArrowException, OSError) as err:
-            self._bad_shard(err)
-            return False
-        self._rows = _texts(table.column(0))
+        self._rows = _texts(table.column(0))[segment.start : segment.stop]
         return True
 
     def _advance(self) -> bool:
-        """Move to this rank's next row group; False at the end of the files."""
-        while self.file_index < len(self.files):
-            if self._parquet is None and not self._open_file():
-                continue
-            group = self.row_group + 1
-            while group < self._parquet.num_row_groups and (self.file_index + group) % self.dp_size != self.dp_rank:
-                group += 1
-            if group >= self._parquet.num_row_groups:
-                self._next_file()
-                continue
-            if self._load_row_group(group):
-                self.row_group, self.row = group, 0
+        """Move to this rank's next readable segment; False at the end of the share."""
+        while self.segment + 1 < len(self.share):
+            self.segment, self.row = self.segment + 1, 0
+            segment = self.share[self.segment]
+            if segment.file in self._unopenable:
+                continue  # its other row groups cannot be read either, this epoch
+            if self._load(segment):
                 return True
+        self._rows = []
         return False
 
     def next(self) -> list:
         while self.row >= len(self._rows):
             if not self._advance():
-                if not self.loop:
+                if not self.cfg.loop:
                     raise StopIteration
                 self.epoch += 1
-                self.file_index, self.row_group, self.row, self._parquet, self._rows = 0, -1, 0, None, []
+                self.segment, self.row, self._rows, self._unopenable = -1, 0, [], set()
                 if not self._advance():
-                    raise DataError(f"data.paths: no readable rows for dp rank {self.dp_rank} in {len(self.files)} file(s)")
+                    raise DataError(f"data.paths: no readable rows for dp rank {self.dp_rank} in its "
+                                    f"{len(self.share)} segment(s)")
         texts = self._rows[self.row : self.row + self.batch_size]
         self.row += len(texts)
         return texts
@@ -320,17 +452,11 @@ class DataLoader:
 
 
 def build_data_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                      files: list[str] | None = None) -> DataLoader:
-    """The pipeline for one dp rank (every tp rank of that dp group builds the same one)."""
-    if files is None:
-        if cfg.paths:
-            files = expand_paths(cfg.paths)
-        else:
-            from .corpus import sample_corpus
-
-            files = expand_paths([str(sample_corpus())])
-    node: BaseNode = ParquetDocumentReader(files, cfg.text_column, dp_rank, dp_size, cfg.tokenize_batch_size,
-                                           cfg.loop, cfg.on_bad_shard)
+                      files: list[str] | None = None, plan: SharePlan | None = None) -> DataLoader:
+    """The pipeline for one dp rank, over ``plan`` (by default planned here from ``files`` or ``cfg.paths``)."""
+    if plan is None:
+        plan = plan_shares(files if files is not None else data_files(cfg.paths), dp_size, cfg)
+    node: BaseNode = ParquetDocumentReader(plan, dp_rank, cfg, cfg.tokenize_batch_size)
     node = ParallelMapper(node, QualityFilterTokenizer(cfg), num_workers=cfg.num_workers, in_order=True,
                           method="thread")
     node = TokenPacker(node, cfg.seq_len + 1)
@@ -339,3 +465,54 @@ def build_data_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, 
     if cfg.prefetch > 0:
         node = Prefetcher(node, prefetch_factor=cfg.prefetch)
     return DataLoader(Loader(node, restart_on_stop_iteration=False))
+
+
+class TensorParallelBatches:
+    """A dp rank's batches as all ranks of its tensor-parallel group see them.
+
+    Only the group's first rank reads and tokenizes (it holds ``loader``); each batch reaches the
+    peers by broadcast. The vocab-parallel embedding and loss combine partial results across
+    the group, so its ranks must hold the same tokens: a read error on one rank cannot make them
+    differ, and the tokenization is done once instead of tp times. A reader's error (or the end
+    of the data) reaches the peers too. ``tp_group=None``: a group of one, no communication.
+    """
+
+    def __init__(self, loader: DataLoader | None, tp_group=None):
+        if loader is None and tp_group is None:
+            raise ValueError("a rank without a loader needs the tp group to receive batches")
+        self.loader, self.group = loader, tp_group
+        self._batches = None
+
+    @property
+    def reads(self) -> bool:
+        """Whether this rank reads the data (and so owns the data position in checkpoints)."""
+        return self.loader is not None
+
+    def __iter__(self):
+        self._batches = iter(self.loader) if self.loader is not None else None
+        return self
+
+    def __next__(self) -> dict:
+        if self.group is None:
+            return next(self._batches)
+        message: list = [None]
+        if self.loader is not None:
+            try:
+                message[0] = ("batch", next(self._batches))
+            except StopIteration:
+                message[0] = ("end", None)
+            except DataError as err:
+                message[0] = ("error", str(err))
+        dist.broadcast_object_list(message, group=self.group, group_src=0)
+        kind, value = message[0]
+        if kind == "end":
+            raise StopIteration
+        if kind == "error":
+            raise DataError(value)
+        return value
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)

@@ -292,14 +292,21 @@ class ArgonneModel(nn.Module):
         return cross_entropy_loss(self.lm_head(h), targets)
 
     def new_kv_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
-        """Empty per-layer caches sized from the (possibly sharded) k projection."""
+        """Empty per-layer caches sized from the (possibly sharded) k projection.
+
+        The default dtype is the one keys and values are computed in: the autocast dtype when
+        autocast is on (an fp32 cache would double its memory and upcast every step), else the weights'.
+        """
+        device = self.rope_cos.device
+        if dtype is None and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
         caches = []
         for block in self.layers:
             weight = block.attn.k_proj.weight
             local_rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
             caches.append(
                 KVCache.empty(batch, local_rows // self.config.head_dim, max_len, self.config.head_dim,
-                              dtype or weight.dtype, self.rope_cos.device)
+                              dtype or weight.dtype, device)
             )
         return caches
 

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, config_changes, resolve_checkpoint
-from .config import Config, ConfigError, validate
-from .data import build_data_loader
+from .config import Config, ConfigError, DataConfig, validate
+from .data import SharePlan, TensorParallelBatches, build_data_loader, data_files, shared_plan
 from .generate import SamplingConfig, generate_text
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import ArgonneModel
@@ -217,9 +217,22 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
         raise ConfigError(f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp_size}: dp ranks "
                           "would run different numbers of batches; set train.eval_batches")
 
+    # Each plan is made once and shared: every rank agrees on the shares, and a layout that cannot
+    # work (a rank without rows, held-out data included) stops the run here, not hours in.
+    plan = shared_plan(data_files(cfg.data.paths), dp_size, cfg.data)
+    eval_cfg = replace(cfg.data, paths=cfg.data.eval_paths, loop=cfg.train.eval_batches > 0)
+    eval_plan = shared_plan(data_files(eval_cfg.paths), dp_size, eval_cfg, "data.eval_paths") if cfg.train.eval_every else None
+    tp_mesh = mesh_dim(mesh, "tp")
+    tp_group = tp_mesh.get_group() if tp_mesh is not None and tp_mesh.size() > 1 else None
+    reads_data = tp_group is None or tp_mesh.get_local_rank() == 0
+
+    def batches_of(data_cfg: DataConfig, data_plan: SharePlan) -> TensorParallelBatches:
+        loader = build_data_loader(data_cfg, cfg.train.micro_batch_size, dp_rank, dp_size, plan=data_plan) if reads_data else None
+        return TensorParallelBatches(loader, tp_group)
+
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    data = build_data_loader(cfg.data, cfg.train.micro_batch_size, dp_rank, dp_size)
+    data = batches_of(cfg.data, plan)
     # Asynchronous saves run their collectives in a background thread, beside training's: they need
     # a process group of their own (gloo: the data being written is on the CPU by then).
     ckpt_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
@@ -238,9 +251,10 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
         for group, values in zip(optimizer.param_groups, configured):
             group.update(values)  # this config's weight decay, betas, eps; not the checkpoint's
         progress = Progress(**extras["progress"])
-        if data_key not in extras:
-            raise CheckpointError(f"{latest}: no data position for dp rank {dp_rank} (it was saved with fewer dp ranks)")
-        data.load_state_dict(extras[data_key])
+        if data.reads:
+            if data_key not in extras:
+                raise CheckpointError(f"{latest}: no data position for dp rank {dp_rank} (it was saved with fewer dp ranks)")
+            data.load_state_dict(extras[data_key])
         if rng_key in extras:
             _set_rng_state(extras[rng_key], device)
     elif cfg.checkpoint.initial_load_path:
@@ -250,7 +264,9 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps, start_step=progress.step)
 
     def save() -> Path:
-        extras = {"progress": asdict(progress), data_key: data.state_dict(), rng_key: _rng_state(device)}
+        extras = {"progress": asdict(progress), rng_key: _rng_state(device)}
+        if data.reads:
+            extras[data_key] = data.state_dict()
         return checkpointer.save(progress.step, train_state, extras, cfg.to_dict())
 
     # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
@@ -315,9 +331,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
                 # A fresh loader each time: every evaluation sees the same batches.
-                held_out = build_data_loader(replace(cfg.data, paths=cfg.data.eval_paths, loop=cfg.train.eval_batches > 0),
-                                             cfg.train.micro_batch_size, dp_rank, dp_size)
-                result = evaluate(model, held_out, device, autocast, cfg.train.eval_batches,
+                result = evaluate(model, batches_of(eval_cfg, eval_plan), device, autocast, cfg.train.eval_batches,
                                   source=f"data.eval_paths={cfg.data.eval_paths}")
                 metrics.log(progress.step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
                 record.update({f"eval_{k}": v for k, v in result.items()})

@@ -13,6 +13,7 @@ from argonne_dt.data import (
     DataError,
     ParquetDocumentReader,
     QualityFilterTokenizer,
+    plan_shares,
     build_data_loader,
     expand_paths,
 )
@@ -136,9 +137,13 @@ def state_pending(state):
     raise AssertionError("no packer state")
 
 
+def _reader(files, rank=0, size=1, **overrides) -> ParquetDocumentReader:
+    cfg = config(retry_backoff_s=0.0, **overrides)
+    return ParquetDocumentReader(plan_shares(files, size, cfg), rank, cfg, batch_size=5)
+
+
 def _rank_texts(files, rank, size):
-    reader = ParquetDocumentReader(files, "text", rank, size, batch_size=5, loop=False, on_bad_shard="error")
-    return [t for batch in reader for t in batch]
+    return [t for batch in _reader(files, rank, size, loop=False, on_bad_shard="error") for t in batch]
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 3])
@@ -171,7 +176,7 @@ def test_resume_with_another_dp_size_fails_clearly(shards):
 def test_epochs_loop_or_stop(shards):
     files, docs = shards
     one_pass = _rank_texts(files, 0, 1)
-    reader = ParquetDocumentReader(files, "text", 0, 1, batch_size=5, loop=True, on_bad_shard="error")
+    reader = _reader(files, loop=True, on_bad_shard="error")
     texts = [t for batch in islice(reader, 60) for t in batch]  # 26 batches an epoch
     assert texts[: len(docs)] == one_pass and texts[len(docs) : 2 * len(docs)] == one_pass
     assert reader.get_state()["epoch"] >= 1
@@ -191,7 +196,7 @@ def bad_files(tmp_path):
 
 
 def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
-    reader = ParquetDocumentReader(bad_files, "text", 0, 1, batch_size=4, loop=False, on_bad_shard="skip")
+    reader = _reader(bad_files, loop=False, on_bad_shard="skip")
     with caplog.at_level(logging.WARNING):
         texts = [t for batch in reader for t in batch]
     assert texts == documents(10) + documents(10, seed=9)
@@ -199,23 +204,22 @@ def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
     assert "b-notes.parquet" in caplog.text and "c-truncated.parquet" in caplog.text
 
 
-def test_bad_shard_stops_the_run_when_configured(bad_files):
-    reader = ParquetDocumentReader(bad_files, "text", 0, 1, batch_size=4, loop=False, on_bad_shard="error")
+def test_bad_shard_stops_the_run_at_start_up_when_configured(bad_files):
     with pytest.raises(DataError, match=r"b-notes.parquet: unreadable parquet shard .*data.on_bad_shard=skip"):
-        list(reader)
+        _reader(bad_files, loop=False, on_bad_shard="error")
 
 
 def test_missing_text_column_names_file_and_columns(tmp_path):
     path = tmp_path / "other.parquet"
     pq.write_table(pa.table({"content": ["x"], "id": ["1"]}), path)
     with pytest.raises(DataError, match=r"other.parquet: no column 'text' \(columns: content, id\)"):
-        list(ParquetDocumentReader([str(path)], "text", 0, 1, 4, False, "skip"))
+        _reader([str(path)], loop=False)
 
 
 def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
     raw = [b"valid text about the model " * 3, b"broken \xff\xfe bytes in the middle of a sentence here", None]
     path = write_parquet(tmp_path / "bytes.parquet", raw, binary=True)
-    texts = [t for batch in ParquetDocumentReader([path], "text", 0, 1, 4, False, "error") for t in batch]
+    texts = [t for batch in _reader([path], loop=False, on_bad_shard="error") for t in batch]
     assert texts[1] == "broken \ufffd\ufffd bytes in the middle of a sentence here" and texts[2] is None
     got = batches(build_data_loader(config(seq_len=7, loop=False), 1, files=[path]), 100)
     assert got and got[-1]["dropped"] == {"empty": 1}
@@ -278,3 +282,86 @@ def test_resume_with_other_files_fails_clearly(shards, tmp_path):
     other.load_state_dict(state)
     with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths now lists other files"):
         next(iter(other))
+
+
+@pytest.mark.parametrize("dp_size", [2, 3])
+def test_files_of_one_row_group_are_shared_evenly(tmp_path, dp_size):
+    docs = documents(300, seed=4)
+    files = [write_parquet(tmp_path / f"part-{i}.parquet", docs[i * 100 : (i + 1) * 100], row_group_size=100)
+             for i in range(3)]
+    shares = [_rank_texts(files, rank, dp_size) for rank in range(dp_size)]
+    together = [t for share in shares for t in share]
+    assert sorted(together) == sorted(docs) and len(set(together)) == len(docs)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # split by rows, not whole row groups
+    held_out = [write_parquet(tmp_path / "held-out.parquet", documents(20, seed=8), row_group_size=20)]
+    for rank in range(dp_size):  # a single small held-out file still gives every rank batches
+        loader = build_data_loader(config(seq_len=15), 2, rank, dp_size, files=held_out)
+        assert len(batches(loader, 3)) == 3
+
+
+def test_a_layout_without_rows_for_every_rank_fails_at_start_up(tmp_path):
+    files = [write_parquet(tmp_path / "tiny.parquet", documents(2), row_group_size=1)]
+    with pytest.raises(DataError, match=r"data.eval_paths: 2 readable rows in 1 file\(s\) cannot give each of 3 "
+                                        r"data-parallel ranks a share"):
+        plan_shares(files, 3, config(), source="data.eval_paths")
+
+
+class _FlakyFile:
+    """A file whose reads fail while the shared budget of failures lasts."""
+
+    def __init__(self, inner, failures):
+        self._inner, self._failures = inner, failures
+
+    def read(self, *args):
+        if self._failures["left"] > 0:
+            self._failures["left"] -= 1
+            raise OSError("connection reset by peer")
+        return self._inner.read(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_transient_read_errors_are_retried_not_skipped(shards, caplog):
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    failures = {"left": 0}
+
+    class FlakyFileSystem(LocalFileSystem):
+        protocol = "flaky"
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+        def _open(self, path, mode="rb", **kwargs):
+            return _FlakyFile(super()._open(path, mode, **kwargs), failures)
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    files, docs = shards
+    urls = [f"flaky://{path}" for path in files]
+    failures["left"] = 3  # the first file's footer: three failed reads, then one that works
+    reader = _reader(urls, loop=False)
+    failures["left"] = 2  # and the first row group
+    with caplog.at_level(logging.WARNING):
+        texts = [t for batch in reader for t in batch]
+    assert texts == _rank_texts(files, 0, 1) and sorted(texts) == sorted(docs)
+    assert reader.get_state()["bad_shards"] == []
+    assert caplog.text.count("connection reset by peer; retrying") == 5
+
+
+def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
+    docs = documents(24, seed=6)
+    path = tmp_path / "corrupt.parquet"
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=8, compression="none", use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+    after = write_parquet(tmp_path / "next.parquet", documents(5, seed=7))
+    reader = _reader([str(path), after], loop=False)
+    with caplog.at_level(logging.WARNING):
+        texts = [t for batch in reader for t in batch]
+    assert texts == docs[:8] + docs[16:] + documents(5, seed=7)
+    assert reader.get_state()["bad_shards"] == [f"{path} row group 1"]

@@ -149,3 +149,13 @@ def test_fused_lm_head_loss_equals_logits_then_cross_entropy(odd_config):
         assert (plain - grads[1][name]).abs().max() <= 1e-5 * plain.abs().max(), name
     with torch.no_grad():  # evaluation: no gradient work, same value
         assert torch.allclose(model(tokens[:, :-1], targets=tokens[:, 1:]), losses[0], atol=1e-6)
+
+
+def test_kv_cache_is_kept_in_the_compute_dtype(odd_config):
+    model = ArgonneModel(odd_config)
+    tokens = torch.randint(0, odd_config.vocab_size, (1, 6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        caches = model.new_kv_caches(batch=1, max_len=8)
+        model(tokens, caches, 0)
+    assert {c.keys.dtype for c in caches} == {c.values.dtype for c in caches} == {torch.bfloat16}
+    assert {c.keys.dtype for c in model.new_kv_caches(batch=1, max_len=8)} == {torch.float32}

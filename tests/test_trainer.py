@@ -64,6 +64,7 @@ def _run_tp2_jobs(tmp: str, corpus: str) -> dict:
     out["first"] = _train(make_config(f"{tmp}/resumed", corpus, **accum), on_step=_sigterm_at(3))
     out["second"] = _train(make_config(f"{tmp}/resumed", corpus, **accum))
     out["changed"] = _resume_with_other_hyperparameters(tmp, corpus, accum)
+    out["one_reader"] = _with_a_failing_reader_on_rank_1(tmp, corpus, accum)
     out["async"] = _train(make_config(f"{tmp}/async", corpus, **accum, **{"checkpoint.async_save": True}))
     out["warm_start"] = _train(make_config(f"{tmp}/warm", corpus, **accum, **{
         "checkpoint.initial_load_path": f"{tmp}/full", "train.steps": 1}))
@@ -98,6 +99,34 @@ def _resume_with_other_hyperparameters(tmp: str, corpus: str, accum: dict) -> di
             "expected_lrs": {s: lr_at(s - 1, cfg.optim, cfg.train.steps) for s in lrs}}
 
 
+def _with_a_failing_reader_on_rank_1(tmp: str, corpus: str, accum: dict) -> dict:
+    """Rank 1 cannot open any parquet file; the micro-batches each rank trained on are recorded."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from argonne_dt import data, trainer
+
+    def failing_parquet_file(*args, **kwargs):
+        raise OSError("stale NFS file handle")
+
+    real_parquet_file, real_step = data.pq.ParquetFile, trainer.train_step
+    seen = []
+
+    def recording_step(model, optimizer, micro_batches, *args):
+        seen.append([hashlib.sha256(b["input"].numpy().tobytes()).hexdigest() for b in micro_batches])
+        return real_step(model, optimizer, micro_batches, *args)
+
+    if dist.get_rank() == 1:
+        data.pq.ParquetFile = failing_parquet_file
+    trainer.train_step = recording_step
+    try:
+        result = _train(make_config(f"{tmp}/one_reader", corpus, **accum, **{"train.steps": 2, "data.retry_backoff_s": 0}))
+    finally:
+        data.pq.ParquetFile, trainer.train_step = real_parquet_file, real_step
+    return {**result, "batches": seen}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("corpus")
@@ -106,6 +135,11 @@ def corpus(tmp_path_factory) -> str:
     heldout = Path(f"{root}-heldout")
     heldout.mkdir()
     write_parquet(heldout / "part-0.parquet", documents(20, seed=3), row_group_size=8)
+    # As pandas and pyarrow write by default: one row group per file.
+    single = Path(f"{root}-single-row-group")
+    single.mkdir()
+    for index in range(3):
+        write_parquet(single / f"part-{index}.parquet", documents(30, seed=10 + index), row_group_size=30)
     return str(root)
 
 
@@ -165,6 +199,14 @@ def test_a_resumed_run_takes_the_new_optimizer_and_schedule_values(tp2_runs):
         assert changed["weight_decays"] == [0.05, 0.0]
 
 
+def test_one_rank_per_tp_group_reads_and_its_peers_train_on_the_same_batches(tp2_runs):
+    _, per_rank = tp2_runs
+    rank0, rank1 = (r["one_reader"] for r in per_rank)
+    assert rank0["status"] == rank1["status"] == "completed"
+    assert rank0["batches"] == rank1["batches"] and len(rank0["batches"]) == 2
+    assert rank0["losses"] == {s: per_rank[0]["full"]["losses"][s] for s in (1, 2)}
+
+
 def test_preemption_saved_at_the_step_boundary(tp2_runs):
     tmp, per_rank = tp2_runs
     assert per_rank[0]["first"]["checkpoint"].endswith("step-00000003")
@@ -220,10 +262,15 @@ def _resume_one_step_from(tmp: str, corpus: str, source: str, tp: int) -> dict:
 def _run_grid_jobs(tmp: str, corpus: str) -> dict:
     """dp 2 x tp 2: uninterrupted vs preempted + resumed."""
     grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2, "train.steps": 4}
+    single = f"{corpus}-single-row-group"
     return {
         "full": _train(make_config(f"{tmp}/grid_full", corpus, **grid)),
         "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(2)),
         "second": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
+        # Files of one row group each, for training and for validation, at dp 2.
+        "single_row_groups": _train(make_config(f"{tmp}/grid_single", single, **grid, **{
+            "train.steps": 2, "data.eval_paths": f"{single}/part-2.parquet", "train.eval_every": 2,
+            "train.eval_batches": 2})),
     }
 
 
@@ -239,6 +286,9 @@ def test_dp2_tp2_preempted_and_resumed_equals_uninterrupted(tmp_path, corpus):
     for r in per_rank:
         assert r["first"]["status"] == "preempted"
         assert {**r["first"]["losses"], **r["second"]["losses"]} == r["full"]["losses"]
+        assert r["single_row_groups"]["status"] == "completed"
+    records = [json.loads(line) for line in (tmp_path / "grid_single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2]
     full = model_tensors(Path(per_rank[0]["full"]["checkpoint"]))
     resumed = model_tensors(Path(per_rank[0]["second"]["checkpoint"]))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
