@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -22,8 +23,10 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def measured_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """What this CPU process does in a bf16 matmul: the CPU's 'peak' for MFU."""
+@functools.lru_cache(maxsize=1)
+def measured_cpu_peak_flops(size: int = 512, repeats: int = 3) -> float:
+    """What this CPU process does in a bf16 matmul: the CPU's 'peak' for MFU (measured once per
+    process; small, because CPUs without native bf16 take seconds for a large one)."""
     a = torch.randn(size, size, dtype=torch.bfloat16)
     b = torch.randn(size, size, dtype=torch.bfloat16)
     a @ b

@@ -7,13 +7,16 @@ bit for bit, and the uninterrupted run agrees with one device trained on the sam
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from argonne_dt.model import ArgonneModel
 from distributed import run_distributed
-from test_trainer import _sigterm_at, _train, corpus, make_config  # noqa: F401 - corpus is a fixture
+from test_trainer import _sigterm_at, _train, corpus, make_config, model_tensors  # noqa: F401 - corpus is a fixture
 
-STEPS = 4
+STEPS = 3
 LAYOUTS = {"tp2": {"parallel.tp": 2, "parallel.dp": 1}, "dp2": {"parallel.tp": 1, "parallel.dp": 2},
            "dp2_tp2": {"parallel.tp": 2, "parallel.dp": 2}}
 
@@ -23,7 +26,7 @@ def default_path(job_dir, corpus_dir, layout: dict):
     # sign, so a wrongly scaled gradient shows in the comparison with one device.
     return make_config(job_dir, corpus_dir, **layout, **{
         "train.dtype": "bf16", "optim.fused": True, "optim.eps": 1e-4, "train.steps": STEPS,
-        "train.grad_accum_steps": 2, "checkpoint.every": 0})
+        "train.micro_batch_size": 1, "train.grad_accum_steps": 2, "checkpoint.every": 0})
 
 
 def _recording_train(cfg, on_step=None) -> dict:
@@ -44,13 +47,6 @@ def _recording_train(cfg, on_step=None) -> dict:
     return {**result, "batches": seen}
 
 
-def _final_parameters(job_dir: str) -> dict[str, torch.Tensor]:
-    from argonne_dt.checkpoint import load_model
-
-    model, _ = load_model(job_dir)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
 def _layout_jobs(tmp: str, corpus_dir: str, names: list[str]) -> dict:
     import torch.distributed as dist
 
@@ -58,13 +54,9 @@ def _layout_jobs(tmp: str, corpus_dir: str, names: list[str]) -> dict:
     for name in names:
         layout = LAYOUTS[name]
         full = _recording_train(default_path(f"{tmp}/{name}_full", corpus_dir, layout))
-        first = _train(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout), on_step=_sigterm_at(2))
+        first = _train(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout), on_step=_sigterm_at(1))
         second = _train(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout))
-        dist.barrier()
         out[name] = {"full": full, "first": first, "second": second}
-        if dist.get_rank() == 0:
-            out[name]["params_full"] = _final_parameters(f"{tmp}/{name}_full")
-            out[name]["params_resumed"] = _final_parameters(f"{tmp}/{name}_resumed")
     return out
 
 
@@ -96,7 +88,8 @@ def _one_device(tmp: str, corpus_dir: str, global_batches: dict) -> dict:
             losses[step], _, _ = train_step(model, optimizer, micro_batches, device, mixed_precision(cfg, device),
                                             cfg.optim.grad_clip)
             scheduler.step()
-        out[name] = {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        out[name] = {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                     "config": cfg.model, "seed": cfg.train.seed}
     return out
 
 
@@ -119,7 +112,8 @@ def test_default_path_resumed_run_equals_uninterrupted_bit_for_bit(distributed_r
         runs = r[name]
         assert runs["first"]["status"] == "preempted" and runs["second"]["status"] == "completed"
         assert {**runs["first"]["losses"], **runs["second"]["losses"]} == runs["full"]["losses"]
-    full, resumed = per_rank[0][name]["params_full"], per_rank[0][name]["params_resumed"]
+    full = model_tensors(Path(per_rank[0][name]["full"]["checkpoint"]))
+    resumed = model_tensors(Path(per_rank[0][name]["second"]["checkpoint"]))
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
@@ -132,7 +126,15 @@ def test_default_path_agrees_with_one_device_on_the_same_batches(distributed_run
     for step, loss in losses.items():
         # bf16 matmuls summed in other orders: ~1e-3 apart; a wrong gradient or batch is far beyond.
         assert abs(loss - reference["losses"][step]) < 5e-3 * reference["losses"][step], (step, loss, reference["losses"])
-    assert losses[STEPS] < losses[1] - 0.5  # and it trains
-    for param_name, value in reference["params"].items():
-        error = ((runs["params_full"][param_name] - value).norm() / value.norm()).item()
-        assert error < 2e-3, (param_name, error)
+    assert losses[STEPS] < losses[1]  # and it trains
+    # The updates (trained - initial) agree to a few percent of their size (bf16 noise); a partial
+    # gradient, a wrong batch or a lost shard moves some parameter's update by far more.
+    initial = ArgonneModel(reference["config"])
+    initial.init_weights(seed=reference["seed"])
+    trained = model_tensors(Path(runs["full"]["checkpoint"]))
+    errors = {}
+    for param_name, start in initial.named_parameters():
+        update, reference_update = trained[param_name] - start, reference["params"][param_name] - start
+        errors[param_name] = ((update - reference_update).norm() / reference_update.norm()).item()
+    worst = max(errors.items(), key=lambda kv: kv[1])
+    assert worst[1] < 0.1, worst
