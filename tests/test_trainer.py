@@ -268,8 +268,8 @@ def _run_grid_jobs(tmp: str, corpus: str) -> dict:
         "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(2)),
         "second": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
         # Files of one row group each, for training and for validation, at dp 2.
-        "single_row_groups": _train(make_config(f"{tmp}/grid_single", single, **grid, **{
-            "train.steps": 2, "data.eval_paths": f"{single}/part-2.parquet", "train.eval_every": 2,
+        "single_row_groups": _train(make_config(f"{tmp}/grid_single", single, **{
+            **grid, "train.steps": 2, "data.eval_paths": f"{single}/part-2.parquet", "train.eval_every": 2,
             "train.eval_batches": 2})),
     }
 
