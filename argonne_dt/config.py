@@ -93,7 +93,8 @@ class DataConfig:
     read_retries: int = _doc("attempts again after a read error (network / NFS) before a shard counts as bad",
                              default=3)
     retry_backoff_s: float = _doc("wait before the first retry; doubled for each next one", default=1.0)
-    eval_paths: list[str] = _doc("held-out parquet files / dirs / globs for validation; empty: none",
+    eval_paths: list[str] = _doc("held-out parquet files / dirs / globs for validation; empty: the sample "
+                                 "corpus's held-out split when data.paths is empty too, else none",
                                  default_factory=list)
 
 
@@ -339,8 +340,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(d.retry_backoff_s >= 0, f"data.retry_backoff_s must be >= 0, got {d.retry_backoff_s}")
     _require(d.num_workers >= 1, f"data.num_workers must be >= 1, got {d.num_workers}")
     _require(
-        config.train.eval_every == 0 or bool(d.eval_paths),
-        f"train.eval_every={config.train.eval_every} needs data.eval_paths (held-out parquet files)",
+        config.train.eval_every == 0 or bool(d.eval_paths) or not d.paths,
+        f"train.eval_every={config.train.eval_every} needs data.eval_paths (held-out parquet files; only "
+        "the bundled sample corpus, data.paths empty, brings its own)",
     )
     t = config.train
     _require(t.dtype in ("bf16", "fp32"), f"train.dtype={t.dtype!r} must be bf16 or fp32")

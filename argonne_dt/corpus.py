@@ -2,7 +2,8 @@
 
 The sample corpus is built offline and deterministically on first use from the docstrings of
 the Python standard library (English text present on every Python installation; files are
-parsed with ``ast``, never imported), then cached.
+parsed with ``ast``, never imported), shuffled with a fixed seed, split into training shards and
+a held-out split, then cached.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .metrics import ProgressReporter
 
 FINEWEB_SCHEMA = pa.schema(
     [
@@ -34,7 +38,11 @@ FINEWEB_SCHEMA = pa.schema(
         ("token_count", pa.int64()),
     ]
 )
-SAMPLE_CORPUS_VERSION = 2
+SAMPLE_CORPUS_VERSION = 3
+HELD_OUT_DIR = "heldout"
+# One document in 20 (and at least one) goes to the held-out split.
+_HELD_OUT_EVERY = 20
+_SHUFFLE_SEED = 2025
 _SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "lib2to3"}
 
 
@@ -76,13 +84,11 @@ def write_shards(
     return paths
 
 
-def stdlib_documents(max_files: int | None = None) -> Iterator[str]:
+def stdlib_documents(max_files: int | None = None, progress: ProgressReporter | None = None) -> Iterator[str]:
     """One document per standard-library module: its module, class and function docstrings."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if not (_SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts))
-    )
-    for path in files[:max_files]:
+    for path in _stdlib_files(max_files):
+        if progress is not None:
+            progress.advance()
         try:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError):
@@ -93,13 +99,24 @@ def stdlib_documents(max_files: int | None = None) -> Iterator[str]:
             yield "\n\n".join(docstrings)
 
 
+def _stdlib_files(max_files: int | None) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not (_SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts)))
+    return files[:max_files]
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("ARGONNE_DT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "argonne_dt")
     return Path(base).expanduser()
 
 
 def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = None) -> Path:
-    """The directory of the sample corpus shards, built on first use (atomically: safe for many ranks)."""
+    """The directory of the sample corpus's training shards, built on first use (atomically: safe for
+    many ranks); its held-out split is in ``HELD_OUT_DIR`` below it (see ``sample_held_out``).
+
+    The documents are in a shuffled order fixed by a seed (module order would put the easy,
+    alphabetically first modules at the start of every run); every 20th of that order is held out.
+    """
     version = f"v{SAMPLE_CORPUS_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}"
     suffix = f"-{max_files}" if max_files else ""
     target = Path(cache_dir or default_cache_dir()) / f"sample_corpus-{version}{suffix}"
@@ -109,9 +126,15 @@ def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = N
     print(f"building the sample corpus in {target} (once; stdlib docstrings)...", file=sys.stderr, flush=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        records = (_record(text, f"python-stdlib-doc/{i}", "python-stdlib-docstrings") for i, text in enumerate(stdlib_documents(max_files)))
-        paths = write_shards(records, building, rows_per_shard=128, rows_per_row_group=32)
-        (building / "COMPLETE").write_text(json.dumps({"shards": len(paths)}))
+        progress = ProgressReporter(len(_stdlib_files(max_files)), "building the sample corpus", "modules")
+        records = [_record(text, f"python-stdlib-doc/{i}", "python-stdlib-docstrings")
+                   for i, text in enumerate(stdlib_documents(max_files, progress))]
+        random.Random(_SHUFFLE_SEED).shuffle(records)
+        held_out = records[::_HELD_OUT_EVERY]
+        training = [r for i, r in enumerate(records) if i % _HELD_OUT_EVERY]
+        paths = write_shards(training, building, rows_per_shard=128, rows_per_row_group=32)
+        write_shards(held_out, building / HELD_OUT_DIR, rows_per_shard=128, rows_per_row_group=32)
+        (building / "COMPLETE").write_text(json.dumps({"shards": len(paths), "held_out_documents": len(held_out)}))
         try:
             os.rename(building, target)
         except OSError:  # another rank finished first; its copy is identical
@@ -123,31 +146,44 @@ def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = N
     return target
 
 
+def sample_held_out(cache_dir: str | Path | None = None, max_files: int | None = None) -> Path:
+    """The held-out split of the sample corpus (disjoint from its training shards)."""
+    return sample_corpus(cache_dir, max_files) / HELD_OUT_DIR
+
+
 def _read_inputs(paths: Iterable[str | Path], text_key: str) -> Iterator[dict]:
-    for path in map(Path, paths):
-        if path.suffix == ".parquet":
-            table = pq.ParquetFile(path)
-            if text_key not in table.schema_arrow.names:
-                raise ValueError(f"{path}: no column {text_key!r} (columns: {', '.join(table.schema_arrow.names)})")
-            for batch in table.iter_batches(columns=[text_key]):
-                for text in batch.column(0).to_pylist():
-                    if text:
-                        yield _record(text, str(path), "converted")
-        elif path.suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8", errors="replace") as lines:
-                for number, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[text_key]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{number}: expected a JSON object with a {text_key!r} field") from None
-                    if text:
-                        yield _record(text, f"{path}:{number}", "converted")
-        else:
-            # Plain text: the whole file is one document.
-            text = path.read_text(encoding="utf-8", errors="replace")
-            yield _record(text, str(path), "converted")
+    paths = [Path(p) for p in paths]
+    progress = ProgressReporter(len(paths), "converting", "files")
+    for path in paths:
+        yield from _records_of(path, text_key)
+        progress.advance()
+
+
+def _records_of(path: Path, text_key: str) -> Iterator[dict]:
+    """One file's documents: parquet rows, JSONL rows, or a whole text file."""
+    if path.suffix == ".parquet":
+        table = pq.ParquetFile(path)
+        if text_key not in table.schema_arrow.names:
+            raise ValueError(f"{path}: no column {text_key!r} (columns: {', '.join(table.schema_arrow.names)})")
+        for batch in table.iter_batches(columns=[text_key]):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield _record(text, str(path), "converted")
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_key]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{number}: expected a JSON object with a {text_key!r} field") from None
+                if text:
+                    yield _record(text, f"{path}:{number}", "converted")
+    else:
+        # Plain text: the whole file is one document.
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield _record(text, str(path), "converted")
 
 
 def convert_to_shards(

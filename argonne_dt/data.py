@@ -67,13 +67,14 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return files
 
 
-def data_files(paths: list[str]) -> list[str]:
-    """The parquet files of ``data.paths`` (or of ``data.eval_paths``); the bundled sample corpus when empty."""
+def data_files(paths: list[str], held_out: bool = False) -> list[str]:
+    """The parquet files of ``data.paths`` (or of ``data.eval_paths``, ``held_out=True``); when empty,
+    the bundled sample corpus's training shards (or its held-out split)."""
     if paths:
         return expand_paths(paths)
-    from .corpus import sample_corpus
+    from .corpus import sample_corpus, sample_held_out
 
-    return expand_paths([str(sample_corpus())])
+    return expand_paths([str(sample_held_out() if held_out else sample_corpus())])
 
 
 def _open(path: str):

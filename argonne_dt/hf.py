@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .metrics import ProgressReporter
 from .model import ArgonneModel
 
 _LAYER_NAMES = {
@@ -171,11 +172,13 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
     for old in list(out.glob("model*.safetensors")) + list(out.glob(_INDEX)):
         old.unlink()
     weight_map = {}
+    progress = ProgressReporter(len(shards), f"writing {out}", "shards")
     for number, names in enumerate(shards, 1):
         filename = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: weights[n].to(_DTYPES[dtype]).contiguous() for n in names}, str(out / filename),
                   metadata={"format": "pt"})
         weight_map.update({n: filename for n in names})
+        progress.advance()
     if len(shards) > 1:
         total = sum(t.numel() * itemsize for t in weights.values())
         (out / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -228,6 +231,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
     model.init_buffers()
     params = model.state_dict()
     filled = set()
+    progress = ProgressReporter(len(files), f"reading {hf_dir}", "files")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for hf_name in f.keys():
@@ -240,6 +244,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
                                      f"{tuple(params[name].shape)}")
                 params[name].copy_(tensor.to(torch.float32))
                 filled.add(name)
+        progress.advance()
     missing = set(params) - filled - {"lm_head.weight"}
     if missing:
         raise ValueError(f"{hf_dir}: weights missing for {sorted(missing)[:5]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import resource
 import sys
@@ -58,6 +59,108 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+class LogWindow:
+    """The steps since the previous log line: their mean loss and grad norm, and their rate.
+
+    Every step of a run trains on the same number of tokens, so the mean of the steps' losses
+    (each already the mean over its micro-batches and dp ranks) weights every token equally.
+    Steps whose loss or norm was not finite (skipped updates) are left out of the means.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.steps = 0
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def add(self, loss: float, grad_norm: float) -> None:
+        self.steps += 1
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.losses.append(loss)
+            self.grad_norms.append(grad_norm)
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.started) / max(self.steps, 1)
+
+    def means(self) -> dict[str, float]:
+        if not self.losses:
+            return {"loss": math.nan, "grad_norm": math.nan, "grad_norm_max": math.nan}
+        return {"loss": sum(self.losses) / len(self.losses), "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
+                "grad_norm_max": max(self.grad_norms)}
+
+
+def eta_seconds(step: int, total: int, seconds_per_step: float) -> float:
+    """Time left at the recent step rate."""
+    return max(total - step, 0) * seconds_per_step
+
+
+def duration(seconds: float) -> str:
+    """``1h02m03s`` / ``4m05s`` / ``6s``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_text(step: int, total: int, elapsed_s: float, seconds_per_step: float) -> str:
+    """``step 10/300 (3.3%) | 1m02s elapsed | eta 29m10s``: the head of a console line."""
+    return (f"step {step}/{total} ({100 * step / total:.1f}%) | {duration(elapsed_s)} elapsed | "
+            f"eta {duration(eta_seconds(step, total, seconds_per_step))}")
+
+
+class ProgressReporter:
+    """Progress of a long tool: a redrawn bar on a terminal, a plain line every ``every_s`` seconds
+    (and at the end) when the output is a log file."""
+
+    def __init__(self, total: int | None, what: str, unit: str = "", stream=None, every_s: float = 30.0):
+        """``total=None``: an unknown amount (counts and elapsed time only; ``finish()`` ends the line)."""
+        self.total, self.what, self.unit = (max(total, 1) if total is not None else None), what, unit
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.done = 0
+        self.started = self._last = time.perf_counter()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        self._show(finished=self.total is not None and self.done >= self.total)
+
+    def finish(self) -> None:
+        """End an open-ended report (a known total ends by itself)."""
+        if self.total is None:
+            self._show(finished=True)
+
+    def _show(self, finished: bool) -> None:
+        now = time.perf_counter()
+        if self.tty:
+            bar = ""
+            if self.total is not None:
+                filled = int(30 * min(self.done, self.total) / self.total)
+                bar = f"[{'#' * filled}{'.' * (30 - filled)}] "
+            self.stream.write(f"\r{self.what} {bar}{self._counts(now)}")
+            if finished:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif finished or now - self._last >= self.every_s:
+            print(f"{self.what}: {self._counts(now)}", file=self.stream, flush=True)
+            self._last = now
+
+    def _counts(self, now: float) -> str:
+        elapsed = now - self.started
+        unit = f" {self.unit}" if self.unit else ""
+        if self.total is None:
+            return f"{self.done}{unit}, {duration(elapsed)} elapsed"
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        return (f"{self.done}/{self.total}{unit} ({100 * min(self.done, self.total) / self.total:.0f}%), "
+                f"{duration(elapsed)} elapsed, eta {duration(eta)}")
+
+
 class MetricsLogger:
     """Writes on rank 0 only: a console line, TensorBoard events under ``tb/`` and ``metrics.jsonl``."""
 
@@ -81,11 +184,12 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(job_dir / "tb"), purge_step=resume_step + 1)
 
-    def log(self, step: int, scalars: dict[str, float], section: str = "train") -> None:
+    def log(self, step: int, scalars: dict[str, float], section: str = "train", head: str | None = None) -> None:
+        """One console line (``head`` first, e.g. ``progress_text``), the scalars in TensorBoard and a jsonl record."""
         if not self.enabled:
             return
         line = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
-        print(f"step {step:>7} | {line}", flush=True)
+        print(f"{head or f'step {step:>7}'} | {line}", flush=True)
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         if self.writer is not None:
             for key, value in scalars.items():

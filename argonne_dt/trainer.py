@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, Checkpointer, ModelOptimizerState, conf
 from .config import Config, ConfigError, DataConfig, validate
 from .data import SharePlan, TensorParallelBatches, build_data_loader, data_files, shared_plan
 from .generate import SamplingConfig, generate_text
-from .metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .metrics import LogWindow, MetricsLogger, ProgressReporter, peak_flops, peak_memory_gib, progress_text
 from .model import ArgonneModel
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .parallelize import build_mesh, full_value, loss_context, materialize, mesh_dim, parallelize
@@ -163,7 +163,8 @@ def train_step(model, optimizer, micro_batches: list[dict], device: torch.device
 
 
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0, source: str = "") -> dict:
+def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0, source: str = "",
+             progress: ProgressReporter | None = None) -> dict:
     """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
 
     Under data parallelism every rank must run the same number of batches, and the mean is taken
@@ -177,6 +178,10 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
             loss = model(batch["input"].to(device), targets=batch["target"].to(device))
         total[0] += full_value(loss)
         total[1] += 1
+        if progress is not None:
+            progress.advance()
+    if progress is not None:
+        progress.finish()
     if dist.is_initialized():
         dist.all_reduce(total)  # tp ranks repeat their dp group's numbers: the ratio is unchanged
     if total[1] == 0:
@@ -221,7 +226,8 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     # work (a rank without rows, held-out data included) stops the run here, not hours in.
     plan = shared_plan(data_files(cfg.data.paths), dp_size, cfg.data)
     eval_cfg = replace(cfg.data, paths=cfg.data.eval_paths, loop=cfg.train.eval_batches > 0)
-    eval_plan = shared_plan(data_files(eval_cfg.paths), dp_size, eval_cfg, "data.eval_paths") if cfg.train.eval_every else None
+    eval_plan = (shared_plan(data_files(eval_cfg.paths, held_out=True), dp_size, eval_cfg, "data.eval_paths")
+                 if cfg.train.eval_every else None)
     tp_mesh = mesh_dim(mesh, "tp")
     tp_group = tp_mesh.get_group() if tp_mesh is not None and tp_mesh.size() > 1 else None
     reads_data = tp_group is None or tp_mesh.get_local_rank() == 0
@@ -279,7 +285,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     batches = iter(data)
     losses: dict[int, float] = {}
     status, last_saved, saved_step = "completed", None, -1
-    window_start, window_steps = time.perf_counter(), 0
+    window, started = LogWindow(), time.perf_counter()
     try:
         while progress.step < cfg.train.steps:
             micro_batches, out_of_data = [], False
@@ -314,26 +320,26 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
                     f"the last good checkpoint is {newest or 'none yet'}"
                 )
 
-            window_steps += 1
+            window.add(mean_loss, grad_norm)
             record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": progress.tokens_seen}
             if progress.step % cfg.metrics.log_every == 0 or progress.step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed
-                record.update(
-                    tokens_per_s=tokens_per_s,
-                    tokens_per_s_per_rank=tokens_per_s / world,
-                    mfu=flops_per_token * tokens_per_s / peak,
-                    memory_gib=peak_memory_gib(device),
-                    skipped_steps=progress.skipped_steps,
+                # Means over the steps since the previous line (Megatron's convention): a smooth curve.
+                seconds_per_step = window.seconds_per_step()
+                tokens_per_s = tokens_per_step / seconds_per_step
+                metrics.log(progress.step, {
+                    **window.means(), "lr": lr, "tokens_seen": progress.tokens_seen,
+                    "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / world,
+                    "mfu": flops_per_token * tokens_per_s / peak, "memory_gib": peak_memory_gib(device),
+                    "skipped_steps": progress.skipped_steps,
                     **{f"docs_dropped_{k}": v for k, v in micro_batches[-1]["dropped"].items()},
-                )
-                metrics.log(progress.step, record)
-                window_start, window_steps = time.perf_counter(), 0
+                }, head=progress_text(progress.step, cfg.train.steps, time.perf_counter() - started, seconds_per_step))
+                window.reset()
             if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
                 # A fresh loader each time: every evaluation sees the same batches.
                 result = evaluate(model, batches_of(eval_cfg, eval_plan), device, autocast, cfg.train.eval_batches,
                                   source=f"data.eval_paths={cfg.data.eval_paths}")
-                metrics.log(progress.step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
+                metrics.log(progress.step, {**{f"eval_{k}": v for k, v in result.items()},
+                                            "tokens_seen": progress.tokens_seen}, section="eval")
                 record.update({f"eval_{k}": v for k, v in result.items()})
             if cfg.metrics.sample_every and progress.step % cfg.metrics.sample_every == 0:
                 for prompt, text in zip(cfg.metrics.sample_prompts, samples(model, cfg, autocast)):
@@ -370,4 +376,5 @@ def evaluate_checkpoint(checkpoint: str, data_paths: list[str], max_batches: int
     data_cfg = replace(cfg.data, paths=data_paths, loop=max_batches > 0)
     batches = build_data_loader(data_cfg, micro_batch_size or cfg.train.micro_batch_size)
     autocast = mixed_precision(cfg, torch.device("cpu"))
-    return evaluate(model, batches, torch.device("cpu"), autocast, max_batches, source=str(data_paths))
+    progress = ProgressReporter(max_batches or None, f"evaluating {checkpoint}", "batches")
+    return evaluate(model, batches, torch.device("cpu"), autocast, max_batches, source=str(data_paths), progress=progress)

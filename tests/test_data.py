@@ -251,6 +251,21 @@ def test_sample_corpus_is_fineweb_parquet_and_cached(tmp_path):
     assert first_texts == pq.read_table(sorted(again.glob("*.parquet"))[0]).column("text").to_pylist()
 
 
+def test_sample_corpus_is_shuffled_deterministically_with_a_disjoint_held_out_split(tmp_path):
+    from argonne_dt.corpus import sample_held_out, stdlib_documents
+
+    def texts(directory):
+        return [t for f in sorted(directory.glob("*.parquet")) for t in pq.read_table(f).column("text").to_pylist()]
+
+    training, held_out = texts(sample_corpus(tmp_path, max_files=60)), texts(sample_held_out(tmp_path, max_files=60))
+    module_order = list(stdlib_documents(max_files=60))
+    assert sorted(training + held_out) == sorted(module_order) and not set(training) & set(held_out)
+    assert len(held_out) == -(-len(module_order) // 20)
+    assert training[:10] != [t for t in module_order if t not in held_out][:10]  # not module order
+    assert texts(sample_corpus(tmp_path / "again", max_files=60)) == training
+    assert texts(sample_held_out(tmp_path / "again", max_files=60)) == held_out
+
+
 def test_convert_text_jsonl_and_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("a plain text document")
     (tmp_path / "b.jsonl").write_text('{"text": "first json"}\n\n{"text": "second json"}\n')

@@ -26,7 +26,8 @@ def test_torchrun_tiny_trains_and_plots(tmp_path):
     assert (job / "checkpoints" / "step-00000004" / ".metadata").exists()
     plotted = run([sys.executable, "launch/plot_loss.py", str(job)])
     assert plotted.returncode == 0, plotted.stderr
-    png = job / "training_loss_vs_tokens.png"
+    png = job / "loss_vs_tokens.png"
+    assert plotted.stdout.strip() == f"wrote {png}"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -57,7 +58,7 @@ def test_sigterm_to_the_workers_saves_and_exits_0_under_torchrun(tmp_path):
         lines = []
         for line in proc.stdout:  # wait until training runs
             lines.append(line)
-            if line.startswith("step       2 |"):
+            if line.startswith("step 2/"):
                 break
         workers = _children(proc.pid)
         assert len(workers) == 2

@@ -264,7 +264,7 @@ def _run_grid_jobs(tmp: str, corpus: str) -> dict:
     grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2, "train.steps": 4}
     single = f"{corpus}-single-row-group"
     return {
-        "full": _train(make_config(f"{tmp}/grid_full", corpus, **grid)),
+        "full": _train(make_config(f"{tmp}/grid_full", corpus, **grid, **{"metrics.log_every": 2})),
         "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(2)),
         "second": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
         # Files of one row group each, for training and for validation, at dp 2.
@@ -289,6 +289,13 @@ def test_dp2_tp2_preempted_and_resumed_equals_uninterrupted(tmp_path, corpus):
         assert r["single_row_groups"]["status"] == "completed"
     records = [json.loads(line) for line in (tmp_path / "grid_single" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2]
+    # Logged every 2 steps: each line is the mean of its 2 steps (each step: 2 micro-batches x 2 dp ranks).
+    losses = per_rank[0]["full"]["losses"]
+    logged = {r["step"]: r for r in map(json.loads, (tmp_path / "grid_full" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(logged) == [2, 4]
+    for step in (2, 4):
+        assert math.isclose(logged[step]["loss"], (losses[step - 1] + losses[step]) / 2, rel_tol=1e-12)
+        assert logged[step]["grad_norm_max"] >= logged[step]["grad_norm"]
     full = model_tensors(Path(per_rank[0]["full"]["checkpoint"]))
     resumed = model_tensors(Path(per_rank[0]["second"]["checkpoint"]))
     assert all(torch.equal(full[k], resumed[k]) for k in full)

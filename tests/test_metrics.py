@@ -1,0 +1,77 @@
+"""Log windows, progress and ETA, progress of long tools, metrics after a resume."""
+
+import io
+import json
+import math
+
+import pytest
+
+from argonne_dt.metrics import LogWindow, MetricsLogger, ProgressReporter, duration, eta_seconds, progress_text
+
+
+def test_window_means_the_steps_since_the_previous_line_and_skips_non_finite_steps():
+    window = LogWindow()
+    for loss, norm in [(4.0, 1.0), (2.0, 3.0), (math.nan, 9.0), (3.0, 2.0)]:
+        window.add(loss, norm)
+    assert window.steps == 4
+    assert window.means() == {"loss": 3.0, "grad_norm": 2.0, "grad_norm_max": 3.0}
+    window.reset()
+    assert window.steps == 0 and math.isnan(window.means()["loss"])
+
+
+def test_eta_comes_from_the_recent_step_rate():
+    assert eta_seconds(100, 300, 1.5) == 300.0
+    assert eta_seconds(300, 300, 1.5) == 0.0
+    assert duration(3725) == "1h02m05s" and duration(245) == "4m05s" and duration(6.4) == "6s"
+    assert progress_text(10, 300, 62, 6.0) == "step 10/300 (3.3%) | 1m02s elapsed | eta 29m00s"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_long_tools_draw_a_bar_on_a_terminal_and_plain_lines_in_a_log():
+    terminal = _Terminal()
+    bar = ProgressReporter(4, "exporting", "shards", stream=terminal)
+    for _ in range(4):
+        bar.advance()
+    assert terminal.getvalue().count("\r") == 4 and "[" + "#" * 30 + "] 4/4 shards (100%)" in terminal.getvalue()
+    log = io.StringIO()
+    lines = ProgressReporter(1000, "tokenizing", stream=log, every_s=3600)
+    for _ in range(1000):
+        lines.advance()
+    # Not a terminal: no redraws, one line at the end (and one per every_s before it).
+    assert "\r" not in log.getvalue() and log.getvalue().splitlines() == [
+        line for line in log.getvalue().splitlines() if line.startswith("tokenizing: 1000/1000 (100%)")]
+
+
+def test_a_resumed_run_drops_the_records_past_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    MetricsLogger(tmp_path, tensorboard=False, enabled=True, resume_step=2).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def _records(with_validation: bool) -> str:
+    lines = [{"step": s, "loss": 10.0 - s / 10, "grad_norm": 1.0, "tokens_seen": 512 * s} for s in (10, 20, 30, 40)]
+    if with_validation:
+        lines += [{"step": 20, "eval_loss": 8.5, "eval_perplexity": 4914.8, "tokens_seen": 10240},
+                  {"step": 40, "eval_loss": 7.5, "eval_perplexity": 1808.0}]  # an older record without tokens
+    lines.append({"step": 40, "sample": "text"})
+    return "".join(json.dumps(r) + "\n" for r in lines)
+
+
+def test_the_plot_has_training_and_validation_curves_against_tokens(tmp_path):
+    from argonne_dt.plot import plot_losses, read_curves, smoothed
+
+    for with_validation in (False, True):
+        run = tmp_path / f"run-{with_validation}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(_records(with_validation))
+        training, validation = read_curves(run / "metrics.jsonl")
+        assert training == {10: (5120, 9.0), 20: (10240, 8.0), 30: (15360, 7.0), 40: (20480, 6.0)}
+        assert validation == ({20: (10240, 8.5), 40: (20480, 7.5)} if with_validation else {})
+        png = plot_losses(run)
+        assert png == run / "loss_vs_tokens.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert smoothed([1.0, 2.0, 2.0]) == pytest.approx([1.0, 1.3, 1.51])
