@@ -24,12 +24,12 @@ PEAK_BF16_FLOPS = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def measured_cpu_peak_flops(size: int = 512, repeats: int = 3) -> float:
-    """What this CPU process does in a bf16 matmul: the CPU's 'peak' for MFU (measured once per
-    process; small, because CPUs without native bf16 take seconds for a large one)."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+@functools.lru_cache(maxsize=2)
+def measured_cpu_peak_flops(dtype: torch.dtype = torch.bfloat16, size: int = 512, repeats: int = 3) -> float:
+    """What this CPU process does in a matmul of ``dtype``: the CPU's 'peak' for MFU (measured once
+    per process and dtype; small, because CPUs without native bf16 take seconds for a large one)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -39,15 +39,16 @@ def measured_cpu_peak_flops(size: int = 512, repeats: int = 3) -> float:
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device) -> float:
-    """Peak bf16 FLOP/s of one device: the known figure for GPUs, a measured matmul on CPU."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak FLOP/s of one device: the known bf16 figure for GPUs, a measured matmul of the run's
+    compute dtype on CPU (where bf16 may be much slower than fp32)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         for key, flops in PEAK_BF16_FLOPS.items():
             if key in name:
                 return flops
         return 312e12
-    return measured_cpu_peak_flops()
+    return measured_cpu_peak_flops(dtype)
 
 
 def peak_memory_gib(device: torch.device) -> float:

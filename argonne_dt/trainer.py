@@ -90,19 +90,23 @@ def init_distributed() -> tuple[torch.device, str]:
     return device, dist.get_backend()
 
 
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype matmuls run in (``train.dtype``); master weights stay fp32."""
+    return torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+
+
 def build_model(cfg: Config, mesh, device: torch.device) -> ArgonneModel:
     """Meta-device model -> tensor parallel -> materialized shard by shard -> FSDP2."""
     with torch.device("meta"):
         model = ArgonneModel(cfg.model)
-    param_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    return parallelize(model, mesh, cfg.parallel, param_dtype,
+    return parallelize(model, mesh, cfg.parallel, compute_dtype(cfg),
                        before_fsdp=partial(materialize, device=device, seed=cfg.train.seed))
 
 
 def mixed_precision(cfg: Config, device: torch.device):
     """bf16 autocast over the fp32 master weights, or nothing for ``train.dtype = "fp32"``."""
     if cfg.train.dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=compute_dtype(cfg))
     return contextlib.nullcontext()
 
 
@@ -278,7 +282,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
     metrics = MetricsLogger(job_dir, cfg.metrics.tensorboard, enabled=rank == 0, resume_step=progress.step)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    peak = peak_flops(device) * world
+    peak = peak_flops(device, compute_dtype(cfg)) * world
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dp_size
     autocast = mixed_precision(cfg, device)
     signals = StopSignals()
