@@ -14,6 +14,8 @@ def test_bundled_configs_load_by_bare_name():
     assert 21.8e9 < tokens < 22.0e9
     tiny = load_config("tiny.toml")
     assert tiny.model.vocab_size == 151_665 and tiny.job.dir == "runs/tiny"
+    # The sample corpus brings its held-out split: tiny validates without data.eval_paths.
+    assert tiny.train.eval_every == 50 and tiny.data.paths == tiny.data.eval_paths == []
 
 
 def test_derived_intermediate_size_rounds_to_256():
@@ -50,6 +52,8 @@ def test_path_and_overrides_are_typed(tmp_path):
         (["--data.seq_len=4092"], r"data.seq_len=4092 must be divisible by parallel.tp=8"),
         (["--train.dtype=fp16"], r"train.dtype='fp16' must be bf16 or fp32"),
         (["--train.steps"], r"has no value"),
+        (["--train.eval_every=50", "--data.paths=a.parquet"], r"train.eval_every=50 needs data.eval_paths"),
+        (["--data.read_retries=-1"], r"data.read_retries must be >= 0, got -1"),
         (["train.steps=3"], r"expected --section.key=value"),
     ],
 )
