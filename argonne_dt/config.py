@@ -116,7 +116,8 @@ class TrainConfig:
     micro_batch_size: int = _doc("sequences per data-parallel rank per micro-step", default=1)
     grad_accum_steps: int = _doc("micro-batches accumulated per optimizer step", default=1)
     seed: int = _doc("seed for init and everything random", default=1234)
-    dtype: str = _doc("compute dtype: bf16 (autocast, fp32 master weights) or fp32", default="bf16")
+    dtype: str = _doc("compute dtype: bf16 (autocast, fp32 master weights), fp32, or auto (bf16 on GPUs "
+                      "and on CPUs with native bf16, else fp32)", default="bf16")
     max_nonfinite_steps: int = _doc("consecutive non-finite steps tolerated before stopping", default=5)
     eval_every: int = _doc("validation every N steps (needs data.eval_paths); 0 disables", default=0)
     eval_batches: int = _doc("validation batches per evaluation; 0 means the whole held-out set", default=20)
@@ -345,7 +346,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         "the bundled sample corpus, data.paths empty, brings its own)",
     )
     t = config.train
-    _require(t.dtype in ("bf16", "fp32"), f"train.dtype={t.dtype!r} must be bf16 or fp32")
+    _require(t.dtype in ("bf16", "fp32", "auto"), f"train.dtype={t.dtype!r} must be bf16, fp32 or auto")
     for key in ("steps", "micro_batch_size", "grad_accum_steps"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     o = config.optim

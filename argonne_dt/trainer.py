@@ -90,23 +90,42 @@ def init_distributed() -> tuple[torch.device, str]:
     return device, dist.get_backend()
 
 
-def compute_dtype(cfg: Config) -> torch.dtype:
-    """The dtype matmuls run in (``train.dtype``); master weights stay fp32."""
-    return torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: GPUs, and CPUs with native bf16 (AVX-512 BF16, AMX).
+    Elsewhere a CPU's bf16 matmul is emulated and several times slower than fp32."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in (``train.dtype``; ``auto``: bf16 where it is native); master weights stay fp32."""
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and native_bf16(device))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def resolve_auto_dtype(cfg: Config, device: torch.device) -> Config:
+    """``train.dtype = "auto"`` decided once, on rank 0, for every rank (and so stored in checkpoints)."""
+    if cfg.train.dtype != "auto":
+        return cfg
+    decision = ["bf16" if compute_dtype(cfg, device) == torch.bfloat16 else "fp32"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+        if dist.get_rank() == 0:
+            print(f"train.dtype=auto: {decision[0]} on this {device.type}", flush=True)
+    return replace(cfg, train=replace(cfg.train, dtype=decision[0]))
 
 
 def build_model(cfg: Config, mesh, device: torch.device) -> ArgonneModel:
     """Meta-device model -> tensor parallel -> materialized shard by shard -> FSDP2."""
     with torch.device("meta"):
         model = ArgonneModel(cfg.model)
-    return parallelize(model, mesh, cfg.parallel, compute_dtype(cfg),
+    return parallelize(model, mesh, cfg.parallel, compute_dtype(cfg, device),
                        before_fsdp=partial(materialize, device=device, seed=cfg.train.seed))
 
 
 def mixed_precision(cfg: Config, device: torch.device):
-    """bf16 autocast over the fp32 master weights, or nothing for ``train.dtype = "fp32"``."""
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device.type, dtype=compute_dtype(cfg))
+    """bf16 autocast over the fp32 master weights, or nothing where the compute dtype is fp32."""
+    if compute_dtype(cfg, device) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -217,6 +236,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     device, _ = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     validate(cfg, world_size=world)
+    cfg = resolve_auto_dtype(cfg, device)
     torch.manual_seed(cfg.train.seed + rank)
     mesh = build_mesh(cfg.parallel, world, device.type)
     dp_mesh = mesh_dim(mesh, "dp")
@@ -282,7 +302,7 @@ def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> di
     # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
     metrics = MetricsLogger(job_dir, cfg.metrics.tensorboard, enabled=rank == 0, resume_step=progress.step)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    peak = peak_flops(device, compute_dtype(cfg)) * world
+    peak = peak_flops(device, compute_dtype(cfg, device)) * world
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dp_size
     autocast = mixed_precision(cfg, device)
     signals = StopSignals()

@@ -50,7 +50,7 @@ def test_path_and_overrides_are_typed(tmp_path):
         (["--parallel.tp=4", "--model.num_heads=6", "--model.num_kv_heads=2", "--model.hidden_size=1020"],
          r"parallel.tp=4 must divide model.num_kv_heads=2"),
         (["--data.seq_len=4092"], r"data.seq_len=4092 must be divisible by parallel.tp=8"),
-        (["--train.dtype=fp16"], r"train.dtype='fp16' must be bf16 or fp32"),
+        (["--train.dtype=fp16"], r"train.dtype='fp16' must be bf16, fp32 or auto"),
         (["--train.steps"], r"has no value"),
         (["--train.eval_every=50", "--data.paths=a.parquet"], r"train.eval_every=50 needs data.eval_paths"),
         (["--data.read_retries=-1"], r"data.read_retries must be >= 0, got -1"),
@@ -96,3 +96,17 @@ def test_readme_config_table_is_current():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert describe_fields() in readme, "regenerate the README table from argonne_dt.config.describe_fields()"
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
+    import torch
+
+    from argonne_dt.trainer import compute_dtype, native_bf16, resolve_auto_dtype
+
+    cpu = torch.device("cpu")
+    cfg = load_config("tiny.toml")
+    assert cfg.train.dtype == "auto"
+    resolved = resolve_auto_dtype(cfg, cpu)
+    assert resolved.train.dtype == ("bf16" if native_bf16(cpu) else "fp32") and cfg.train.dtype == "auto"
+    assert compute_dtype(resolved, cpu) == compute_dtype(cfg, cpu)
+    assert compute_dtype(load_config("4b9.toml"), cpu) == torch.bfloat16  # explicit bf16 stays bf16
