@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared one-GPU check (run only where the device tool lends a GPU; never in CI).
+# The one-GPU check of the CUDA paths (needs a GPU machine; never in CI).
 # Runs in the repository root with the GPU machine's own python3 and torch, in under 5 minutes on an
 # H200: pass / fail for each CUDA path the CPU tests cannot reach, then tokens/s and MFU.
 set -euo pipefail
