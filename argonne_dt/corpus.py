@@ -84,9 +84,11 @@ def write_shards(
     return paths
 
 
-def stdlib_documents(max_files: int | None = None, progress: ProgressReporter | None = None) -> Iterator[str]:
+def stdlib_documents(max_files: int | None = None, show_progress: bool = False) -> Iterator[str]:
     """One document per standard-library module: its module, class and function docstrings."""
-    for path in _stdlib_files(max_files):
+    files = _stdlib_files(max_files)
+    progress = ProgressReporter(len(files), "building the sample corpus", "modules") if show_progress else None
+    for path in files:
         if progress is not None:
             progress.advance()
         try:
@@ -126,9 +128,8 @@ def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = N
     print(f"building the sample corpus in {target} (once; stdlib docstrings)...", file=sys.stderr, flush=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        progress = ProgressReporter(len(_stdlib_files(max_files)), "building the sample corpus", "modules")
         records = [_record(text, f"python-stdlib-doc/{i}", "python-stdlib-docstrings")
-                   for i, text in enumerate(stdlib_documents(max_files, progress))]
+                   for i, text in enumerate(stdlib_documents(max_files, show_progress=True))]
         random.Random(_SHUFFLE_SEED).shuffle(records)
         held_out = records[::_HELD_OUT_EVERY]
         training = [r for i, r in enumerate(records) if i % _HELD_OUT_EVERY]

@@ -105,6 +105,13 @@ def _retrying(action, what: str, retries: int, backoff_s: float):
             time.sleep(delay)
 
 
+def _unreadable(what: str, err: Exception, on_bad_shard: str) -> None:
+    """Stop with an error naming ``what`` (``data.on_bad_shard = "error"``), or warn that it is skipped."""
+    if on_bad_shard == "error":
+        raise DataError(f"{what}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
+    log.warning("skipping unreadable parquet shard %s: %s", what, err)
+
+
 @dataclass(frozen=True)
 class Segment:
     """Rows ``start`` to ``stop`` (exclusive) of one row group of one file: the unit a rank reads."""
@@ -149,9 +156,7 @@ def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "
         try:
             metadata = _retrying(lambda: _read_metadata(path), path, cfg.read_retries, cfg.retry_backoff_s)
         except (pa.ArrowException, OSError) as err:
-            if cfg.on_bad_shard == "error":
-                raise DataError(f"{path}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
-            log.warning("skipping unreadable parquet shard %s: %s", path, err)
+            _unreadable(path, err, cfg.on_bad_shard)
             unreadable.append(path)
             continue
         names = metadata.schema.to_arrow_schema().names
@@ -256,40 +261,35 @@ class ParquetDocumentReader(BaseNode[list]):
                 "dp_rank": self.dp_rank, "dp_size": self.plan.dp_size}
 
     def _bad(self, what: str, err: Exception) -> None:
-        if self.cfg.on_bad_shard == "error":
-            raise DataError(f"{what}: unreadable parquet shard ({err}); set data.on_bad_shard=skip to skip it") from err
-        log.warning("skipping unreadable parquet shard %s: %s", what, err)
+        _unreadable(what, err, self.cfg.on_bad_shard)
         if what not in self.bad_shards:  # counted once, not again every epoch
             self.bad_shards.append(what)
 
-    def _open_file(self, path: str) -> None:
-        def attempt():
-            return pq.ParquetFile(_open(path))
-
-        self._parquet = _retrying(attempt, path, self.cfg.read_retries, self.cfg.retry_backoff_s)
-        self._parquet_path = path
-
     def _load(self, segment: Segment) -> bool:
         """Read ``segment``'s rows; False (after counting it) when it cannot be read."""
+        retries, backoff_s = self.cfg.read_retries, self.cfg.retry_backoff_s
         if self._parquet_path != segment.file:
+            self._parquet, self._parquet_path = None, segment.file
             try:
-                self._open_file(segment.file)
+                self._parquet = _retrying(lambda: pq.ParquetFile(_open(segment.file)), segment.file, retries, backoff_s)
             except (pa.ArrowException, OSError) as err:
-                self._parquet, self._parquet_path = None, None
+                self._parquet_path = None
                 self._unopenable.add(segment.file)
                 self._bad(segment.file, err)
                 return False
 
         def attempt():
+            if self._parquet is None:  # dropped after a failed read: the handle may be what broke
+                self._parquet = pq.ParquetFile(_open(segment.file))
             try:
                 return self._parquet.read_row_group(segment.row_group, columns=[self.cfg.text_column])
             except OSError:
-                self._open_file(segment.file)  # the handle may be what broke: a fresh one for the retry
+                self._parquet = None
                 raise
 
         what = f"{segment.file} row group {segment.row_group}"
         try:
-            table = _retrying(attempt, what, self.cfg.read_retries, self.cfg.retry_backoff_s)
+            table = _retrying(attempt, what, retries, backoff_s)
         except (pa.ArrowException, OSError) as err:
             self._bad(what, err)
             return False

@@ -109,8 +109,8 @@ def resolve_auto_dtype(cfg: Config, device: torch.device) -> Config:
     decision = ["bf16" if compute_dtype(cfg, device) == torch.bfloat16 else "fp32"]
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
-        if dist.get_rank() == 0:
-            print(f"train.dtype=auto: {decision[0]} on this {device.type}", flush=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"train.dtype=auto: {decision[0]} on this {device.type}", flush=True)
     return replace(cfg, train=replace(cfg.train, dtype=decision[0]))
 
 
