@@ -173,9 +173,11 @@ def _accumulation(shape, parallel_kwargs) -> dict:
     mesh = _mesh(shape, parallel)
     reference = ArgonneModel(odd_model_config(**MODEL))
     model = parallelize(copy.deepcopy(reference), mesh, parallel)
-    tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(2))
+    # Two rows per dp rank, so that every rank has two micro-batches to accumulate.
+    tokens = torch.randint(0, MODEL["vocab_size"], (2 * parallel.dp, SEQ + 1), generator=torch.Generator().manual_seed(2))
     local = tokens.chunk(parallel.dp)[mesh.get_local_rank("dp")]
     micro_batches = [{"input": half[:, :-1], "target": half[:, 1:]} for half in local.chunk(2)]
+    assert len(micro_batches) == 2
     cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:]).backward()
 
     reduce_scatters = 0
