@@ -316,8 +316,10 @@ class ParquetDocumentReader(BaseNode[list]):
                 self.epoch += 1
                 self.segment, self.row, self._rows, self._unopenable = -1, 0, [], set()
                 if not self._advance():
+                    files = sorted({segment.file for segment in self.share})
                     raise DataError(f"data.paths: no readable rows for dp rank {self.dp_rank} in its "
-                                    f"{len(self.share)} segment(s)")
+                                    f"{len(self.share)} segment(s) of {', '.join(files[:3])}"
+                                    f"{' ...' if len(files) > 3 else ''}: see the warnings above for why")
         texts = self._rows[self.row : self.row + self.batch_size]
         self.row += len(texts)
         return texts
