@@ -366,17 +366,30 @@ def test_transient_read_errors_are_retried_not_skipped(shards, caplog):
     assert caplog.text.count("connection reset by peer; retrying") == 5
 
 
-def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
-    docs = documents(24, seed=6)
-    path = tmp_path / "corrupt.parquet"
-    pq.write_table(pa.table({"text": docs}), path, row_group_size=8, compression="none", use_dictionary=False)
-    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+def _with_corrupt_row_group(path, docs, row_group_size, corrupt):
+    """A parquet file whose footer reads but whose row group ``corrupt`` is garbage."""
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size, compression="none",
+                   use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(corrupt).column(0)
     data = bytearray(path.read_bytes())
     data[chunk.data_page_offset : chunk.data_page_offset + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
     path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
+    docs = documents(24, seed=6)
+    path = tmp_path / "corrupt.parquet"
+    _with_corrupt_row_group(path, docs, row_group_size=8, corrupt=1)
     after = write_parquet(tmp_path / "next.parquet", documents(5, seed=7))
     reader = _reader([str(path), after], loop=False)
     with caplog.at_level(logging.WARNING):
         texts = [t for batch in reader for t in batch]
     assert texts == docs[:8] + docs[16:] + documents(5, seed=7)
     assert reader.get_state()["bad_shards"] == [f"{path} row group 1"]
+
+
+def test_a_share_with_nothing_readable_names_its_files(tmp_path):
+    path = tmp_path / "only.parquet"
+    _with_corrupt_row_group(path, documents(8, seed=3), row_group_size=8, corrupt=0)
+    with pytest.raises(DataError, match=r"no readable rows for dp rank 0 in its 1 segment\(s\) of .*only.parquet"):
+        list(islice(_reader([str(path)], loop=True), 3))
