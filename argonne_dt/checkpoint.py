@@ -21,9 +21,8 @@ import shutil
 import time
 import warnings
 from concurrent.futures import Future
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -36,9 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .config import Config, ParallelConfig, config_from_dict
-from .model import ArgonneModel
-from .parallelize import materialize, parallelize
+from .config import Config, config_from_dict
+from .distributed import ParallelLayout
+from .parallelize import build_model
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -71,7 +70,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 class ModelOptimizerState(Stateful):
-    """Model and optimizer state through the distributed state-dict API (DTensor / FSDP aware)."""
+    """Model and optimizer state through the distributed state-dict API (DTensor / FSDP aware).
+
+    Loading keeps this run's optimizer hyper-parameters (weight decay, betas, eps): a resumed run
+    follows the config it is started with; only the moments and step counts come from the file.
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
         self.model, self.optimizer = model, optimizer
@@ -85,8 +88,44 @@ class ModelOptimizerState(Stateful):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"])
-        else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            return
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)
+
+
+class CheckpointState(Protocol):
+    """What the checkpointer saves beside the model: a flat dict of picklable entries.
+
+    A state that differs by rank keys its entries by rank (``dp_rank_K``); loading receives every
+    entry the checkpoint holds under the state's name, from all ranks that wrote one.
+    """
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, entries: dict[str, Any]) -> None: ...
+
+
+class RngState:
+    """This rank's random-number generator states (CPU, and CUDA on GPUs), keyed by global rank."""
+
+    def __init__(self, rank: int, device: torch.device):
+        self.rank, self.device = rank, device
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {f"rank_{self.rank}": state}
+
+    def load_state_dict(self, entries: dict[str, Any]) -> None:
+        state = entries.get(f"rank_{self.rank}")
+        if state is None:  # a rank the saving run did not have: it keeps its seeded generator
+            return
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
 def _check_model_shapes(metadata, model: torch.nn.Module, path: Path) -> None:
@@ -104,14 +143,16 @@ def _check_model_shapes(metadata, model: torch.nn.Module, path: Path) -> None:
 class Checkpointer:
     """Saves and restores everything that changes during training (rank-aware, DCP-based).
 
-    A save holds the model and optimizer (``ModelOptimizerState``, sharded by DCP) and ``extras``:
-    picklable values stored as opaque leaves. Extras the same on every rank (``progress``,
-    ``scheduler``) are written once; per-rank extras carry the rank in their key
-    (``data.dp_rank_K``, ``rng.rank_R``), so every rank's is kept.
+    It is given the run's state once: the model and optimizer (``ModelOptimizerState``, sharded
+    by DCP) and named ``states`` (progress, data position, RNG), whose entries are stored as
+    opaque pickled leaves ``extra.<name>.<key>``. Entries the same on every rank are written
+    once; per-rank entries carry the rank in their key, so every rank's is kept.
     """
 
-    def __init__(self, root: str | Path, keep_last: int, async_save: bool, process_group=None):
+    def __init__(self, root: str | Path, keep_last: int, async_save: bool, model_state: ModelOptimizerState,
+                 states: dict[str, CheckpointState], process_group=None):
         self.root = Path(root)
+        self.model_state, self.states = model_state, states
         self.keep_last = keep_last
         self.async_save = async_save
         self.process_group = process_group
@@ -129,7 +170,7 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
-    def save(self, step: int, train_state: ModelOptimizerState, extras: dict[str, Any], config: dict) -> Path:
+    def save(self, step: int, config: dict) -> Path:
         """Write step ``step`` (unless a complete checkpoint of it exists); returns its directory.
 
         A complete checkpoint is never removed before its replacement is: the same step saved
@@ -145,7 +186,9 @@ class Checkpointer:
             log.info("step %d is already saved: %s", step, final)
             return final
         # Pickled, an extra is one leaf for DCP whatever its nesting, so loading needs no template.
-        state = {"train": train_state, **{_EXTRA + k: pickle.dumps(v) for k, v in extras.items()}}
+        state: dict[str, Any] = {"train": self.model_state}
+        for name, stateful in self.states.items():
+            state.update({f"{_EXTRA}{name}.{key}": pickle.dumps(value) for key, value in stateful.state_dict().items()})
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)  # never complete (no .metadata): nothing to lose
@@ -195,16 +238,20 @@ class Checkpointer:
                 for old in complete_checkpoints(self.root)[: -self.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, train_state: ModelOptimizerState, extras: list[str]) -> dict[str, Any]:
-        return load_checkpoint(path, train_state, extras, self.process_group)
+    def restore(self, path: Path) -> None:
+        """Load the model, optimizer and every state from ``path`` (DCP reshards the tensors)."""
+        extras = load_checkpoint(path, self.model_state, self.process_group, with_extras=True)
+        for name, stateful in self.states.items():
+            prefix = name + "."
+            stateful.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)})
 
 
-def load_checkpoint(path: Path, train_state: ModelOptimizerState, extras: list[str] = (), process_group=None) -> dict[str, Any]:
-    """Load model (+ optimizer) in place; return those of the named extras the checkpoint has.
+def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=None,
+                    with_extras: bool = False) -> dict[str, Any]:
+    """Load model (+ optimizer) in place; with ``with_extras``, return every extra entry of the checkpoint.
 
-    Per-rank extras absent from the checkpoint (it was saved with another world size) are left
-    out of the result; the caller decides what that means. Works without a process group too
-    (one process reading a checkpoint written by many: DCP reshards).
+    Works without a process group too (one process reading a checkpoint written by many: DCP
+    reshards).
     """
     distributed = dist.is_initialized()
     verbose = not distributed or dist.get_rank() == 0
@@ -214,7 +261,8 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, extras: list[s
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     _check_model_shapes(metadata, train_state.model, path)
     wanted: dict[str, Any] = {"train": train_state}
-    wanted.update({_EXTRA + k: b"" for k in extras if _EXTRA + k in metadata.state_dict_metadata})
+    if with_extras:
+        wanted.update({k: b"" for k in metadata.state_dict_metadata if k.startswith(_EXTRA)})
     try:
         with warnings.catch_warnings():  # DCP warns that one process reads alone: intended here
             warnings.simplefilter("ignore", UserWarning)
@@ -260,25 +308,20 @@ def stored_config(path: Path) -> Config:
     return config_from_dict(json.loads(source.read_text()))
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", mesh=None, parallel: ParallelConfig | None = None):
-    """The trained model of a checkpoint (a run dir or a step dir), plain or tensor-parallel on ``mesh``.
+def load_model(path: str | Path, device: torch.device | str = "cpu", layout: ParallelLayout | None = None):
+    """The trained model of a checkpoint (a run dir or a step dir), plain or parallel under ``layout``.
 
     Returns (model in eval mode, the checkpoint's config). The model is built on the meta device
     and allocated once, so host memory holds one copy of the weights.
     """
     path = resolve_checkpoint(path)
     cfg = stored_config(path)
-    with torch.device("meta"):
-        model = ArgonneModel(cfg.model)
-    if mesh is not None:
-        parallelize(model, mesh, parallel, before_fsdp=partial(materialize, device=device, seed=None))
-    else:
-        materialize(model, device, seed=None)
+    model = build_model(cfg.model, layout, device)
     load_checkpoint(path, ModelOptimizerState(model, None))
     return model.eval(), cfg
 
 
-def write_model_checkpoint(model: ArgonneModel, cfg: Config, out_dir: str | Path) -> Path:
+def write_model_checkpoint(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
     """A weights-only checkpoint from one process (for ``checkpoint.initial_load_path`` and loading)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

@@ -359,6 +359,11 @@ def validate(config: Config, world_size: int | None = None) -> None:
             dp * p.tp == world_size,
             f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}",
         )
+        _require(
+            not t.eval_every or t.eval_batches > 0 or dp == 1,
+            f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp}: dp ranks would run different "
+            "numbers of batches; set train.eval_batches",
+        )
 
 
 def check_tp_divides(m: ModelConfig, tp: int) -> None:

@@ -480,10 +480,10 @@ class TensorParallelBatches:
     of the data) reaches the peers too. ``tp_group=None``: a group of one, no communication.
     """
 
-    def __init__(self, loader: DataLoader | None, tp_group=None):
+    def __init__(self, loader: DataLoader | None, tp_group=None, dp_rank: int = 0):
         if loader is None and tp_group is None:
             raise ValueError("a rank without a loader needs the tp group to receive batches")
-        self.loader, self.group = loader, tp_group
+        self.loader, self.group, self.dp_rank = loader, tp_group, dp_rank
         self._batches = None
 
     @property
@@ -515,7 +515,24 @@ class TensorParallelBatches:
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        """The reader's data position, keyed by its dp rank (the peers that receive have none)."""
+        return {f"dp_rank_{self.dp_rank}": self.loader.state_dict()} if self.reads else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+        """Restore this dp rank's position from the positions of a checkpoint (keyed by dp rank)."""
+        if not self.reads:
+            return
+        key = f"dp_rank_{self.dp_rank}"
+        if key not in state:
+            raise DataError(f"the checkpoint has no data position for dp rank {self.dp_rank} "
+                            f"(it was saved by {len(state)} dp rank(s))")
+        self.loader.load_state_dict(state[key])
+
+
+def batches_for(cfg: DataConfig, micro_batch_size: int, plan: SharePlan, layout=None) -> TensorParallelBatches:
+    """The batches of this rank under ``layout`` (a ``ParallelLayout``; None: one process):
+    its dp rank's share of ``plan``, read by the first rank of its tp group."""
+    if layout is None:
+        return TensorParallelBatches(build_data_loader(cfg, micro_batch_size, plan=plan))
+    loader = build_data_loader(cfg, micro_batch_size, layout.dp_rank, layout.dp, plan=plan) if layout.reads_data else None
+    return TensorParallelBatches(loader, layout.tp_group, layout.dp_rank)

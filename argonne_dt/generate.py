@@ -9,13 +9,15 @@ samples during training, where sequence parallelism needs lengths divisible by t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .config import DataConfig
-from .parallelize import full_value
+from .checkpoint import load_model
+from .config import DataConfig, ParallelConfig
+from .distributed import build_layout, full_value, init_distributed
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
@@ -164,21 +166,10 @@ def generate_from_checkpoint(
     (without sequence parallelism, so that decoding one token at a time works) and every rank
     samples the same tokens from the same gathered logits.
     """
-    import os
-
-    import torch.distributed as dist
-
-    from .checkpoint import load_model
-    from .config import ParallelConfig
-    from .parallelize import build_mesh
-
-    mesh = parallel = None
-    device = torch.device("cpu")
+    layout, device = None, torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .trainer import init_distributed
-
-        device, _ = init_distributed()
-        parallel = ParallelConfig(tp=dist.get_world_size(), dp=1, sequence_parallel=False, loss_parallel=False)
-        mesh = build_mesh(parallel, dist.get_world_size(), device.type)
-    model, run_cfg = load_model(checkpoint, device, mesh, parallel)
+        device = init_distributed()
+        layout = build_layout(ParallelConfig(tp=int(os.environ["WORLD_SIZE"]), dp=1, sequence_parallel=False,
+                                             loss_parallel=False), device.type)
+    model, run_cfg = load_model(checkpoint, device, layout)
     return generate_text(model, run_cfg.data, prompts, cfg, stream=stream)

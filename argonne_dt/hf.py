@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .checkpoint import load_model, write_model_checkpoint
+from .config import Config, ModelConfig
+from .distributed import DTYPES
 from .metrics import ProgressReporter
-from .model import ArgonneModel
+from .parallelize import build_model
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -58,17 +61,19 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {to_hf_name(k): v for k, v in state_dict.items() if k != "lm_head.weight"}
 
 
+def check_tied(embedding: torch.Tensor, lm_head: torch.Tensor, source: str = "") -> None:
+    """Argonne ties lm_head to the embedding: a separate ``lm_head.weight`` must equal it."""
+    if not torch.equal(embedding.to(lm_head.dtype), lm_head):
+        raise ValueError(f"{source}lm_head.weight differs from model.embed_tokens.weight: Argonne ties them, "
+                         "so this model cannot be represented")
+
+
 def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a Llama state dict to ours; an ``lm_head.weight`` must equal the embedding (tied)."""
-    ours = {}
-    for name, tensor in hf_state_dict.items():
-        if name == "lm_head.weight":
-            embed = hf_state_dict.get("model.embed_tokens.weight")
-            if embed is not None and not torch.equal(embed, tensor):
-                raise ValueError("lm_head.weight differs from model.embed_tokens.weight: Argonne ties them")
-            continue
-        ours[from_hf_name(name)] = tensor
-    return ours
+    """Rename a Llama state dict to ours; an ``lm_head.weight`` beside the embedding must equal it (tied)."""
+    embed, lm_head = hf_state_dict.get("model.embed_tokens.weight"), hf_state_dict.get("lm_head.weight")
+    if embed is not None and lm_head is not None:
+        check_tied(embed, lm_head)
+    return {from_hf_name(name): tensor for name, tensor in hf_state_dict.items() if name != "lm_head.weight"}
 
 
 def llama_config(cfg: ModelConfig, torch_dtype: torch.dtype = torch.float32, bos_token_id=None, eos_token_id=None):
@@ -130,7 +135,6 @@ def model_config_from_llama(config: dict, source: str) -> ModelConfig:
     )
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _INDEX = "model.safetensors.index.json"
 
 
@@ -144,22 +148,19 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from .checkpoint import load_model
-    from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     model, cfg = load_model(checkpoint)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     bos, eos, pad = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    llama_config(cfg.model, _DTYPES[dtype], bos, eos).save_pretrained(out)
+    llama_config(cfg.model, DTYPES[dtype], bos, eos).save_pretrained(out)
     GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(out)
     _prepend_bos(tokenizer, BOS_TOKEN if cfg.data.add_bos else None).save_pretrained(out)
 
     weights = to_hf_state_dict(model.state_dict())
-    itemsize = torch.finfo(_DTYPES[dtype]).bits // 8
+    itemsize = torch.finfo(DTYPES[dtype]).bits // 8
     shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in weights.items():
@@ -175,7 +176,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
     progress = ProgressReporter(len(shards), f"writing {out}", "shards")
     for number, names in enumerate(shards, 1):
         filename = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: weights[n].to(_DTYPES[dtype]).contiguous() for n in names}, str(out / filename),
+        save_file({n: weights[n].to(DTYPES[dtype]).contiguous() for n in names}, str(out / filename),
                   metadata={"format": "pt"})
         weight_map.update({n: filename for n in names})
         progress.advance()
@@ -211,9 +212,6 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
     """
     from safetensors import safe_open
 
-    from .checkpoint import write_model_checkpoint
-    from .config import Config
-
     hf_dir = Path(hf_dir)
     source = hf_dir / "config.json"
     if not source.exists():
@@ -225,27 +223,25 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights (convert .bin weights with transformers first)")
-    with torch.device("meta"):
-        model = ArgonneModel(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    params = model.state_dict()
-    filled = set()
+    model = build_model(cfg.model)  # allocated, not initialized: every weight comes from the files
+    expected = model.state_dict()
+    loaded, lm_head = set(), None
     progress = ProgressReporter(len(files), f"reading {hf_dir}", "files")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for hf_name in f.keys():
-                tensor = f.get_tensor(hf_name)
-                if hf_name == "lm_head.weight":
-                    continue  # tied: checked against the embedding below
-                name = from_hf_name(hf_name)
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{path}: {hf_name} has shape {tuple(tensor.shape)}, config.json implies "
-                                     f"{tuple(params[name].shape)}")
-                params[name].copy_(tensor.to(torch.float32))
-                filled.add(name)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        lm_head = tensors.pop("lm_head.weight", lm_head)  # checked against the embedding once all is read
+        ours = from_hf_state_dict(tensors)
+        for name, tensor in ours.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{path}: {to_hf_name(name)} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(expected[name].shape)}")
+        model.load_state_dict(ours, strict=False)
+        loaded.update(ours)
         progress.advance()
-    missing = set(params) - filled - {"lm_head.weight"}
+    missing = set(expected) - loaded - {"lm_head.weight"}
     if missing:
         raise ValueError(f"{hf_dir}: weights missing for {sorted(missing)[:5]}")
+    if lm_head is not None:
+        check_tied(model.embed.weight, lm_head, f"{hf_dir}: ")
     return write_model_checkpoint(model, cfg, out_dir)

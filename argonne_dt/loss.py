@@ -7,8 +7,11 @@ gradient and every accumulation are fp32. Only the matmuls run in the autocast d
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -88,3 +91,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
     loss, _, _ = _chunked_loss(hidden, weight, targets, chunk, want_grads=False)
     return loss / hidden.shape[0]
+
+
+def loss_context(model):
+    """``loss_parallel()`` when the model's logits come out vocab-sharded; the loss's forward and
+    backward go inside it."""
+    return loss_parallel() if model.vocab_sharded_logits else contextlib.nullcontext()
+
+
+def next_token_loss(model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The pretraining objective: ``{"loss": mean next-token cross-entropy}`` of one micro-batch.
+
+    An objective maps (model, micro-batch) to named scalars; ``loss`` is the one minimized, and
+    every other entry is averaged and logged like it. Call it inside ``loss_context(model)``.
+    """
+    return {"loss": model(batch["input"].to(device), targets=batch["target"].to(device))}

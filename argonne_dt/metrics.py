@@ -61,7 +61,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class LogWindow:
-    """The steps since the previous log line: their mean loss and grad norm, and their rate.
+    """The steps since the previous log line: the mean of each loss term and of the grad norm, and their rate.
 
     Every step of a run trains on the same number of tokens, so the mean of the steps' losses
     (each already the mean over its micro-batches and dp ranks) weights every token equally.
@@ -74,23 +74,24 @@ class LogWindow:
     def reset(self) -> None:
         self.started = time.perf_counter()
         self.steps = 0
-        self.losses: list[float] = []
+        self.losses: dict[str, list[float]] = {}
         self.grad_norms: list[float] = []
 
-    def add(self, loss: float, grad_norm: float) -> None:
+    def add(self, losses: dict[str, float], grad_norm: float) -> None:
         self.steps += 1
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.losses.append(loss)
+        if all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm):
+            for name, value in losses.items():
+                self.losses.setdefault(name, []).append(value)
             self.grad_norms.append(grad_norm)
 
     def seconds_per_step(self) -> float:
         return (time.perf_counter() - self.started) / max(self.steps, 1)
 
     def means(self) -> dict[str, float]:
-        if not self.losses:
+        if not self.grad_norms:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_norm_max": math.nan}
-        return {"loss": sum(self.losses) / len(self.losses), "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
-                "grad_norm_max": max(self.grad_norms)}
+        return {**{name: sum(values) / len(values) for name, values in self.losses.items()},
+                "grad_norm": sum(self.grad_norms) / len(self.grad_norms), "grad_norm_max": max(self.grad_norms)}
 
 
 def eta_seconds(step: int, total: int, seconds_per_step: float) -> float:
@@ -239,11 +240,3 @@ def _fmt(value: float) -> str:
     if abs(value) >= 100 or value == 0:
         return f"{value:.1f}"
     return f"{value:.4g}"
-
-
-def emit_json(data, path: str | None) -> None:
-    """A benchmark's results: one JSON line on stdout, and the same, indented, in ``path`` if given."""
-    print(json.dumps(data))
-    if path:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)

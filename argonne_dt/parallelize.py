@@ -1,4 +1,5 @@
-"""Make the plain model parallel: DeviceMesh, the tensor-parallel plan, FSDP2, activation checkpointing.
+"""The model factory, and what makes the plain model parallel: the tensor-parallel plan, FSDP2,
+activation checkpointing, compile.
 
 Order of application: tensor parallel -> compile -> activation checkpointing -> FSDP2. The model
 module itself is never edited for parallelism; styles from ``torch.distributed.tensor.parallel``
@@ -8,14 +9,13 @@ boundaries.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -24,32 +24,13 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
-    loss_parallel,
     parallelize_module,
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .config import ConfigError, ParallelConfig, check_tp_divides, resolved_dp
+from .config import ConfigError, ModelConfig, check_tp_divides
+from .distributed import ParallelLayout
 from .model import ArgonneModel
-
-
-def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
-    """A mesh with dims ("dp", "tp"), or 1-D ("tp",) when dp is 1. dp=-1 means world_size / tp."""
-    dp = resolved_dp(parallel, world_size)
-    if dp * parallel.tp != world_size:
-        raise ConfigError(
-            f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {parallel.tp}"
-        )
-    if dp == 1:
-        return init_device_mesh(device_type, (parallel.tp,), mesh_dim_names=("tp",))
-    return init_device_mesh(device_type, (dp, parallel.tp), mesh_dim_names=("dp", "tp"))
-
-
-def mesh_dim(mesh: DeviceMesh, name: str) -> DeviceMesh | None:
-    """The named 1-D sub-mesh, or None when the mesh has no such dimension."""
-    if mesh.mesh_dim_names is None or name not in mesh.mesh_dim_names:
-        return None
-    return mesh if mesh.ndim == 1 else mesh[name]
 
 
 def _replicate_on(module: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -200,8 +181,7 @@ def materialize(model: ArgonneModel, device: torch.device | str, seed: int | Non
 
 def parallelize(
     model: ArgonneModel,
-    mesh: DeviceMesh,
-    parallel: ParallelConfig,
+    layout: ParallelLayout,
     param_dtype: torch.dtype = torch.float32,
     before_fsdp: Callable[[ArgonneModel], None] | None = None,
 ) -> ArgonneModel:
@@ -210,32 +190,36 @@ def parallelize(
     ``param_dtype`` is the dtype FSDP2 gathers parameters in for compute (bf16 for mixed
     precision); master weights stay fp32. Pure TP relies on autocast for the same effect.
     ``before_fsdp`` runs once tensor parallelism is applied and before FSDP2 shards further: the
-    place to materialize a meta-device model (``partial(materialize, device=..., seed=...)``).
+    place to allocate a meta-device model (``build_model`` does).
     """
-    tp_mesh, dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
-    tp = tp_mesh.size() if tp_mesh is not None else 1
-    if tp != parallel.tp:
-        raise ConfigError(f"mesh tp size {tp} differs from parallel.tp={parallel.tp}")
-    check_tp_divides(model.config, tp)
-    if tp > 1:
-        apply_tensor_parallel(model, tp_mesh, parallel.sequence_parallel, parallel.loss_parallel)
-        if parallel.sequence_parallel:
-            model.register_forward_pre_hook(partial(_check_sequence_length, tp))
-    if parallel.compile:
+    check_tp_divides(model.config, layout.tp)
+    if layout.tp > 1:
+        apply_tensor_parallel(model, layout.tp_mesh, layout.sequence_parallel, layout.loss_parallel)
+        if layout.sequence_parallel:
+            model.register_forward_pre_hook(partial(_check_sequence_length, layout.tp))
+    if layout.parallel.compile:
         compile_blocks(model)
-    apply_activation_checkpointing(model, parallel.activation_checkpoint, parallel.ac_every)
+    apply_activation_checkpointing(model, layout.parallel.activation_checkpoint, layout.parallel.ac_every)
     if before_fsdp is not None:
         before_fsdp(model)
-    if dp_mesh is not None and dp_mesh.size() > 1:
-        apply_fsdp(model, dp_mesh, param_dtype)
+    if layout.dp_mesh is not None:
+        apply_fsdp(model, layout.dp_mesh, param_dtype)
     return model
 
 
-def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a possibly distributed tensor (a no-op for plain tensors)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+def build_model(model_config: ModelConfig, layout: ParallelLayout | None = None, device: torch.device | str = "cpu",
+                seed: int | None = None, param_dtype: torch.dtype = torch.float32) -> ArgonneModel:
+    """The one way a model is made: on the meta device, parallelized, then allocated shard by shard.
 
-
-def loss_context(model: nn.Module):
-    """``loss_parallel()`` when the logits come out vocab-sharded; forward and backward of the loss go inside."""
-    return loss_parallel() if model.vocab_sharded_logits else contextlib.nullcontext()
+    ``layout`` None gives a plain single-device model. ``seed`` initializes the weights (the same
+    values whatever the layout); None leaves them for a checkpoint to fill. ``device="meta"``
+    leaves the model unallocated (the memory planner counts its shards).
+    """
+    with torch.device("meta"):
+        model = ArgonneModel(model_config)
+    allocate = None if str(device) == "meta" else partial(materialize, device=device, seed=seed)
+    if layout is not None:
+        return parallelize(model, layout, param_dtype, before_fsdp=allocate)
+    if allocate is not None:
+        allocate(model)
+    return model

@@ -8,19 +8,16 @@ Compared with what 4b9 on 8 x A100 consumes: 8 * 312e12 * 0.5 / flops_per_token(
 import argparse
 import time
 
-import torch
+from common import emit_json
 
 from argonne_dt.config import DataConfig, load_config
 from argonne_dt.data import build_data_loader
-from argonne_dt.metrics import emit_json
-from argonne_dt.model import ArgonneModel
+from argonne_dt.parallelize import build_model
 
 
 def consumption_rate_4b9(gpus: int = 8, peak_flops: float = 312e12, mfu: float = 0.5) -> float:
     cfg = load_config("4b9.toml")
-    with torch.device("meta"):
-        model = ArgonneModel(cfg.model)
-    return gpus * peak_flops * mfu / model.flops_per_token(cfg.data.seq_len)
+    return gpus * peak_flops * mfu / build_model(cfg.model, device="meta").flops_per_token(cfg.data.seq_len)
 
 
 def measure(workers: int, tokens: int, seq_len: int, batch: int) -> dict:

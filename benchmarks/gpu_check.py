@@ -13,8 +13,10 @@ Checks, each reported as pass / fail with its figures (one JSON object on stdout
   ``dcp.async_save`` and back, bit for bit;
 - ``speed``: tokens/s, MFU and peak memory of a training step, head_dim padded and not.
 
-Only torch and this package's model, loss and generation code are imported (no data pipeline:
-random tokens), so the script runs on a GPU machine's own torch without the training extras.
+The training steps are the trainer's own (``argonne_dt.step.train_step``: fused AdamW from the
+config, global clip). Only torch and this package's model, step and generation code are imported
+(no data pipeline: random tokens), so the script runs on a GPU machine's own torch without the
+training extras.
 """
 
 import argparse
@@ -24,13 +26,16 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
+from common import random_micro_batches
 
+from argonne_dt.checkpoint import ModelOptimizerState
 from argonne_dt.config import load_config
+from argonne_dt.distributed import mixed_precision
 from argonne_dt.generate import SamplingConfig, generate
 from argonne_dt.metrics import peak_flops
-from argonne_dt.model import ArgonneModel
-from argonne_dt.parallelize import compile_blocks
+from argonne_dt.optim import build_optimizer
+from argonne_dt.parallelize import build_model, compile_blocks
+from argonne_dt.step import accumulate_gradients, train_step
 
 
 def _sync(device):
@@ -38,44 +43,33 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _model(cfg, device, seed=0) -> ArgonneModel:
-    with torch.device("meta"):
-        model = ArgonneModel(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights(seed=seed)
-    return model
+def _model(cfg, device, seed=0):
+    return build_model(cfg.model, device=device, seed=seed)
 
 
-def _optimizer(model, device):
-    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                             fused=device.type in ("cuda", "cpu"))
+def _optimizer(model, cfg, device):
+    return build_optimizer(model, cfg.optim, device.type)
 
 
-def _step(model, optimizer, tokens) -> float:
-    with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
-        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+def _step(model, optimizer, batch, cfg) -> float:
+    device = batch["input"].device
+    return train_step(model, optimizer, [batch], device, mixed_precision(torch.bfloat16, device), cfg.optim.grad_clip).loss
 
 
-def _tokens(cfg, device, batch, seq, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), device=device, generator=g)
+def _batch(cfg, device, batch, seq, seed=0) -> dict:
+    return random_micro_batches(cfg.model.vocab_size, batch, seq, 1, seed, device)[0]
 
 
 def check_train_bf16(cfg, device, batch, seq) -> dict:
     """Repeated steps on one batch: the loss must fall; the profiler says which SDPA kernel ran."""
     model = _model(cfg, device)
-    optimizer = _optimizer(model, device)
-    tokens = _tokens(cfg, device, batch, seq)
-    losses = [_step(model, optimizer, tokens) for _ in range(3)]
+    optimizer = _optimizer(model, cfg, device)
+    tokens = _batch(cfg, device, batch, seq)
+    losses = [_step(model, optimizer, tokens, cfg) for _ in range(3)]
     from torch.profiler import profile
 
     with profile() as prof:
-        losses.append(_step(model, optimizer, tokens))
+        losses.append(_step(model, optimizer, tokens, cfg))
     kernels = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "flash" in e.key.lower()})
     flash = any("flash" in k.lower() for k in kernels)
     fused_adamw = any(g.get("fused") for g in optimizer.param_groups)
@@ -86,12 +80,10 @@ def check_train_bf16(cfg, device, batch, seq) -> dict:
 def check_compile(cfg, device, batch, seq) -> dict:
     eager, compiled = _model(cfg, device), _model(cfg, device)
     compile_blocks(compiled)
-    tokens = _tokens(cfg, device, batch, seq, seed=1)
+    tokens = _batch(cfg, device, batch, seq, seed=1)
     results = []
     for model in (eager, compiled):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-        loss.backward()
+        loss = accumulate_gradients(model, [tokens], device, mixed_precision(torch.bfloat16, device))["loss"]
         results.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     grad_error = ((compiled_grad - eager_grad).norm() / eager_grad.norm()).item()
@@ -101,7 +93,7 @@ def check_compile(cfg, device, batch, seq) -> dict:
 
 def check_kv_cache(cfg, device) -> dict:
     model = _model(cfg, device).eval()
-    prompt = _tokens(cfg, device, 1, 15, seed=2)[0].tolist()
+    prompt = _batch(cfg, device, 1, 15, seed=2)["input"][0].tolist()
     greedy = SamplingConfig(max_new_tokens=16, temperature=0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         cache_dtypes = sorted({str(c.keys.dtype) for c in model.new_kv_caches(1, 8)})
@@ -116,14 +108,12 @@ def check_kv_cache(cfg, device) -> dict:
 def check_dcp(cfg, device, batch, seq, asynchronous: bool) -> dict:
     import torch.distributed.checkpoint as dcp
 
-    from argonne_dt.checkpoint import ModelOptimizerState
-
     model = _model(cfg, device)
-    optimizer = _optimizer(model, device)
-    _step(model, optimizer, _tokens(cfg, device, batch, seq))
+    optimizer = _optimizer(model, cfg, device)
+    _step(model, optimizer, _batch(cfg, device, batch, seq), cfg)
     restored = _model(cfg, device, seed=9)
-    restored_optimizer = _optimizer(restored, device)
-    _step(restored, restored_optimizer, _tokens(cfg, device, batch, seq, seed=3))  # optimizer state to overwrite
+    restored_optimizer = _optimizer(restored, cfg, device)
+    _step(restored, restored_optimizer, _batch(cfg, device, batch, seq, seed=3), cfg)  # optimizer state to overwrite
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
         state = {"train": ModelOptimizerState(model, optimizer)}
@@ -142,15 +132,15 @@ def check_dcp(cfg, device, batch, seq, asynchronous: bool) -> dict:
 
 def speed(cfg, device, batch: int, seq: int, steps: int, warmup: int) -> dict:
     model = _model(cfg, device)
-    optimizer = _optimizer(model, device)
+    optimizer = _optimizer(model, cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for index in range(warmup + steps):
-        tokens = _tokens(cfg, device, batch, seq, seed=index)
+        tokens = _batch(cfg, device, batch, seq, seed=index)
         _sync(device)
         start = time.perf_counter()
-        loss = _step(model, optimizer, tokens)
+        loss = _step(model, optimizer, tokens, cfg)
         if index >= warmup:
             times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]

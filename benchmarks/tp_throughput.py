@@ -17,26 +17,16 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from common import emit_json, random_micro_batches
+
 from argonne_dt.config import load_config
-from argonne_dt.metrics import emit_json, peak_flops, peak_memory_gib
+from argonne_dt.distributed import build_layout, compute_dtype, init_distributed, mixed_precision
+from argonne_dt.metrics import peak_flops, peak_memory_gib
 from argonne_dt.optim import build_optimizer
-from argonne_dt.parallelize import build_mesh, mesh_dim
-from argonne_dt.trainer import build_model, init_distributed, mixed_precision, train_step
+from argonne_dt.parallelize import build_model
+from argonne_dt.step import train_step
 
 _COLLECTIVES = ("c10d::", "nccl:", "gloo:", "allreduce", "all_reduce", "reduce_scatter", "all_gather", "allgather")
-
-
-def _batches(cfg, dp_rank: int, count: int) -> list[list[dict]]:
-    g = torch.Generator().manual_seed(1000 + dp_rank)
-    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
-    out = []
-    for _ in range(count):
-        micro = []
-        for _ in range(cfg.train.grad_accum_steps):
-            w = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
-            micro.append({"input": w[:, :-1], "target": w[:, 1:]})
-        out.append(micro)
-    return out
 
 
 def _comm_share(step_fn, device) -> float:
@@ -54,15 +44,16 @@ def _comm_share(step_fn, device) -> float:
 
 
 def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int, device, peak: float) -> dict:
-    world = dist.get_world_size()
     cfg = load_config(config, overrides + [f"--parallel.tp={tp}", "--parallel.dp=-1"])
-    mesh = build_mesh(cfg.parallel, world, device.type)
-    dp_mesh = mesh_dim(mesh, "dp")
-    dp_rank = dp_mesh.get_local_rank() if dp_mesh is not None else 0
-    model = build_model(cfg, mesh, device)
+    layout = build_layout(cfg.parallel, device.type)
+    dtype = compute_dtype(cfg, device)
+    model = build_model(cfg.model, layout, device, cfg.train.seed, dtype)
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    autocast = mixed_precision(cfg, device)
-    batches = _batches(cfg, dp_rank, warmup + steps + 1)
+    autocast = mixed_precision(dtype, device)
+    accum = cfg.train.grad_accum_steps
+    singles = random_micro_batches(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len,
+                                   (warmup + steps + 1) * accum, seed=1000 + layout.dp_rank)
+    batches = [singles[i : i + accum] for i in range(0, len(singles), accum)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -77,14 +68,14 @@ def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int,
     share = _comm_share(lambda: train_step(model, optimizer, batches[-1], device, autocast, cfg.optim.grad_clip), device)
     memory = torch.tensor(peak_memory_gib(device), device=device)
     dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * (world // tp)
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * layout.dp
     median = statistics.median(times)
     tokens_per_s = tokens_per_step / median
     return {
-        "config": config, "tp": tp, "dp": world // tp, "world": world, "device": str(device.type),
+        "config": config, "tp": tp, "dp": layout.dp, "world": layout.world_size, "device": str(device.type),
         "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
-        "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / world,
-        "mfu": model.flops_per_token(cfg.data.seq_len) * tokens_per_s / (peak * world),
+        "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / layout.world_size,
+        "mfu": model.flops_per_token(cfg.data.seq_len) * tokens_per_s / (peak * layout.world_size),
         "peak_memory_gib_max_rank": memory.item(), "comm_share": share,
     }
 
@@ -97,7 +88,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="also write the rows here")
     args, overrides = parser.parse_known_args()
-    device, _ = init_distributed()
+    device = init_distributed()
     peak = peak_flops(device)  # on CPU a measured matmul: once, so that every row uses the same peak
     rows = [measure(args.config, overrides, tp, args.steps, args.warmup, device, peak) for tp in args.tp]
     if dist.get_rank() == 0:

@@ -5,8 +5,9 @@
 
 One process, one run: both models start from the same weights, see the same batches, use bf16
 autocast over fp32 master weights and AdamW with the same hyper-parameters (ours fused, theirs
-torch's default foreach, as in a plain Hugging Face training loop); a round is one step of
-each. Peak memory is the resident-set peak during a step above the level just before it (freed
+torch's default foreach, as in a plain Hugging Face training loop); both go through the
+trainer's own step (``argonne_dt.step.train_step``: accumulation, global clip, optimizer), theirs
+with Hugging Face's own loss (``labels=``). A round is one step of each. Peak memory is the resident-set peak during a step above the level just before it (freed
 heap is returned to the OS first with malloc_trim, so the order of the two does not matter).
 """
 
@@ -18,12 +19,13 @@ import time
 
 import torch
 
+from common import emit_json, random_micro_batches
+
 from argonne_dt.config import load_config
 from argonne_dt.hf import llama_config, to_hf_state_dict
-from argonne_dt.metrics import emit_json
-from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import build_optimizer
-from argonne_dt.parallelize import compile_blocks
+from argonne_dt.parallelize import build_model, compile_blocks
+from argonne_dt.step import train_step
 
 _PAGE = 4096
 
@@ -74,7 +76,7 @@ def main() -> None:
 
     cfg = load_config(args.config, overrides)
     cfg.optim.fused = not args.no_fused_adamw
-    ours = ArgonneModel(cfg.model)
+    ours = build_model(cfg.model, seed=cfg.train.seed)
     if args.no_fused_loss:
         ours.use_loss_path(fused_chunk=0, vocab_sharded_logits=False)
     if args.compile:
@@ -88,34 +90,25 @@ def main() -> None:
     theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                    eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32)
-    g = torch.Generator().manual_seed(0)
-    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+    device = torch.device("cpu")
 
-    def our_step(w):
-        with autocast:
-            loss = ours(w[:, :-1], targets=w[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.optim.grad_clip)
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def their_loss(model, batch, device):
+        return {"loss": model(input_ids=batch["input"], labels=batch["input"]).loss}
 
-    def their_step(w):
-        with autocast:
-            loss = theirs(input_ids=w[:, :-1], labels=w[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
-        theirs_opt.step()
-        theirs_opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def our_step(batch):
+        return train_step(ours, ours_opt, [batch], device, autocast, cfg.optim.grad_clip)
+
+    def their_step(batch):
+        return train_step(theirs, theirs_opt, [batch], device, autocast, cfg.optim.grad_clip, their_loss)
 
     results = {"ours": {"times": [], "mem": []}, "hf": {"times": [], "mem": []}}
-    for round_index in range(args.warmup + args.steps):
-        w = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+    batches = random_micro_batches(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len,
+                                   args.warmup + args.steps + 1)
+    for round_index, batch in enumerate(batches[:-1]):
         for name, step in (("ours", our_step), ("hf", their_step)):
             with PeakRss() as rss:
                 start = time.perf_counter()
-                step(w)
+                step(batch)
                 elapsed = time.perf_counter() - start
             if round_index >= args.warmup:
                 results[name]["times"].append(elapsed)
@@ -123,10 +116,9 @@ def main() -> None:
     if args.profile:
         from torch.profiler import profile
 
-        w = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
         for name, step in (("ours", our_step), ("hf", their_step)):
             with profile() as prof:
-                step(w)
+                step(batches[-1])
             print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     summary = {}
@@ -136,7 +128,7 @@ def main() -> None:
                          "peak_step_memory_mib": max(r["mem"]) / 2**20}
     summary["speedup"] = summary["ours"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
     summary["memory_ratio"] = summary["ours"]["peak_step_memory_mib"] / summary["hf"]["peak_step_memory_mib"]
-    summary["settings"] = {"config": args.config, "batch": list(shape), "fused_loss": not args.no_fused_loss,
+    summary["settings"] = {"config": args.config, "batch": [cfg.train.micro_batch_size, cfg.data.seq_len], "fused_loss": not args.no_fused_loss,
                            "fused_adamw": not args.no_fused_adamw, "bf16": not args.fp32, "compile": args.compile,
                            "threads": torch.get_num_threads()}
     print(f"{'':6} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9}")

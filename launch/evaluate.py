@@ -6,7 +6,7 @@
 import argparse
 import json
 
-from argonne_dt.trainer import evaluate_checkpoint
+from argonne_dt.evaluation import evaluate_checkpoint
 
 
 def main() -> None:

@@ -60,24 +60,29 @@ def test_only_complete_checkpoints_are_found(tmp_path):
 def test_a_complete_checkpoint_survives_a_resave_and_a_crashed_save(tmp_path, monkeypatch):
     from argonne_dt import checkpoint
     from argonne_dt.checkpoint import Checkpointer
+    from argonne_dt.trainer import Progress
 
     cfg = _config()
     model = ArgonneModel(cfg.model)
-    saver = Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False)
-    state = ModelOptimizerState(model, None)
-    first = saver.save(2, state, {"progress": {"step": 2}}, cfg.to_dict())
+    progress = Progress(step=2)
+    saver = Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False,
+                         model_state=ModelOptimizerState(model, None), states={"progress": progress})
+    first = saver.save(2, cfg.to_dict())
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.dcp, "save", crash)
     # The same step again (a finished run restarted): the complete one is kept, nothing is rewritten.
-    assert saver.save(2, state, {"progress": {"step": 2}}, cfg.to_dict()) == first
+    assert saver.save(2, cfg.to_dict()) == first
+    progress.step = 4
     with pytest.raises(OSError, match="disk full"):
-        saver.save(4, state, {"progress": {"step": 4}}, cfg.to_dict())
+        saver.save(4, cfg.to_dict())
     assert complete_checkpoints(saver.root) == [first]
-    reloaded = ArgonneModel(cfg.model)
-    assert load_checkpoint(first, ModelOptimizerState(reloaded, None), ["progress"]) == {"progress": {"step": 2}}
+    reloaded, reloaded_progress = ArgonneModel(cfg.model), Progress()
+    Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False, model_state=ModelOptimizerState(reloaded, None),
+                 states={"progress": reloaded_progress}).restore(first)
+    assert reloaded_progress == Progress(step=2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
 
 

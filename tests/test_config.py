@@ -101,7 +101,7 @@ def test_readme_config_table_is_current():
 def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
     import torch
 
-    from argonne_dt.trainer import compute_dtype, native_bf16, resolve_auto_dtype
+    from argonne_dt.distributed import compute_dtype, native_bf16, resolve_auto_dtype
 
     cpu = torch.device("cpu")
     cfg = load_config("tiny.toml")

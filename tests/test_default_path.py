@@ -48,8 +48,6 @@ def _recording_train(cfg, on_step=None) -> dict:
 
 
 def _layout_jobs(tmp: str, corpus_dir: str, names: list[str]) -> dict:
-    import torch.distributed as dist
-
     out = {}
     for name in names:
         layout = LAYOUTS[name]
@@ -70,23 +68,22 @@ def _global_batches(per_rank: list[dict], name: str) -> list[list[dict]]:
 
 def _one_device(tmp: str, corpus_dir: str, global_batches: dict) -> dict:
     """The same config on one device, trained with the trainer's own step on the recorded global batches."""
-    import torch.distributed as dist
-
+    from argonne_dt.distributed import DTYPES, mixed_precision
     from argonne_dt.optim import build_optimizer, build_scheduler
-    from argonne_dt.parallelize import build_mesh
-    from argonne_dt.trainer import build_model, mixed_precision, train_step
+    from argonne_dt.parallelize import build_model
+    from argonne_dt.step import train_step
 
     out = {}
     for name, steps in global_batches.items():
         cfg = default_path(f"{tmp}/{name}_one_device", corpus_dir, {"parallel.tp": 1, "parallel.dp": 1})
-        device = torch.device("cpu")
-        model = build_model(cfg, build_mesh(cfg.parallel, dist.get_world_size(), "cpu"), device)
+        device, dtype = torch.device("cpu"), DTYPES[cfg.train.dtype]
+        model = build_model(cfg.model, None, device, cfg.train.seed, dtype)
         optimizer = build_optimizer(model, cfg.optim, "cpu")
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         losses = {}
         for step, micro_batches in enumerate(steps, 1):
-            losses[step], _, _ = train_step(model, optimizer, micro_batches, device, mixed_precision(cfg, device),
-                                            cfg.optim.grad_clip)
+            losses[step] = train_step(model, optimizer, micro_batches, device, mixed_precision(dtype, device),
+                                      cfg.optim.grad_clip).loss
             scheduler.step()
         out[name] = {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                      "config": cfg.model, "seed": cfg.train.seed}

@@ -12,7 +12,7 @@ from argonne_dt.metrics import LogWindow, MetricsLogger, ProgressReporter, durat
 def test_window_means_the_steps_since_the_previous_line_and_skips_non_finite_steps():
     window = LogWindow()
     for loss, norm in [(4.0, 1.0), (2.0, 3.0), (math.nan, 9.0), (3.0, 2.0)]:
-        window.add(loss, norm)
+        window.add({"loss": loss}, norm)
     assert window.steps == 4
     assert window.means() == {"loss": 3.0, "grad_norm": 2.0, "grad_norm_max": 3.0}
     window.reset()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from argonne_dt.config import ConfigError, ParallelConfig
-from argonne_dt.loss import cross_entropy_loss
+from argonne_dt.distributed import ParallelLayout, build_layout, layout_of
+from argonne_dt.loss import cross_entropy_loss, loss_context
 from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import clip_grad_norm_
-from argonne_dt.parallelize import build_mesh, loss_context, materialize, parallelize
+from argonne_dt.parallelize import build_model, parallelize
+from argonne_dt.step import accumulate_gradients
 from conftest import odd_model_config
 from distributed import run_distributed
 
@@ -57,24 +58,21 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _mesh(shape, parallel: ParallelConfig):
-    """The mesh a case parallelizes over: all of it with FSDP, else only its tp dimension (the
-    other dp row runs the same case, for free)."""
+def _layout(shape, parallel: ParallelConfig) -> ParallelLayout:
+    """The layout a case parallelizes over: all of the mesh with FSDP, else only its tp dimension
+    (the other dp row runs the same case, for free)."""
     names = ("tp",) if len(shape) == 1 else ("dp", "tp")
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    return mesh if parallel.dp > 1 or mesh.ndim == 1 else mesh["tp"]
+    return layout_of(mesh if parallel.dp > 1 or mesh.ndim == 1 else mesh["tp"], parallel)
 
 
 def _run_case(shape, parallel_kwargs) -> dict:
-    parallel = ParallelConfig(**parallel_kwargs)
-    mesh = _mesh(shape, parallel)
+    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
     torch.manual_seed(0)
     reference = ArgonneModel(odd_model_config(**MODEL))
-    model = parallelize(copy.deepcopy(reference), mesh, parallel)
+    model = parallelize(copy.deepcopy(reference), layout)
     tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    dp = parallel.dp if parallel.dp > 1 else 1
-    dp_rank = mesh.get_local_rank("dp") if dp > 1 else 0
-    local = tokens.chunk(dp)[dp_rank]
+    local = tokens.chunk(layout.dp)[layout.dp_rank]
 
     ref_loss = cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:])
     ref_loss.backward()
@@ -112,8 +110,7 @@ def _run_case(shape, parallel_kwargs) -> dict:
 
 def _bf16_dtypes(shape, parallel_kwargs) -> dict:
     """Under bf16 autocast (and bf16 FSDP gathers): matmul outputs, block inputs, master weights."""
-    parallel = ParallelConfig(**parallel_kwargs)
-    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), _mesh(shape, parallel), parallel,
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), _layout(shape, ParallelConfig(**parallel_kwargs)),
                         param_dtype=torch.bfloat16)
     seen = {}
     for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
@@ -134,12 +131,9 @@ def _bf16_dtypes(shape, parallel_kwargs) -> dict:
 
 def _materialize_errors(shape, parallel_kwargs) -> float:
     """Largest difference between a meta-built, shard-by-shard initialized model and a single-device init."""
-    parallel = ParallelConfig(**parallel_kwargs)
     reference = ArgonneModel(odd_model_config(**MODEL))
     reference.init_weights(seed=5)
-    with torch.device("meta"):
-        model = ArgonneModel(odd_model_config(**MODEL))
-    model = parallelize(model, _mesh(shape, parallel), parallel, before_fsdp=partial(materialize, device="cpu", seed=5))
+    model = build_model(odd_model_config(**MODEL), _layout(shape, ParallelConfig(**parallel_kwargs)), "cpu", seed=5)
     ref = dict(reference.named_parameters())
     worst = max((_full(p.detach()) - ref[_clean(n)]).abs().max().item() for n, p in model.named_parameters())
     tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ))
@@ -149,14 +143,14 @@ def _materialize_errors(shape, parallel_kwargs) -> float:
 
 
 def _errors() -> dict:
-    mesh = _mesh((4,), ParallelConfig(tp=4))
+    layout = _layout((4,), ParallelConfig(tp=4))
     messages = {}
     bad_heads = ArgonneModel(odd_model_config(**{**MODEL, "num_kv_heads": 2}))
     try:
-        parallelize(bad_heads, mesh, ParallelConfig(tp=4))
+        parallelize(bad_heads, layout)
     except ConfigError as err:
         messages["kv_heads"] = str(err)
-    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), mesh, ParallelConfig(tp=4))
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), layout)
     try:
         model(torch.zeros(1, 18, dtype=torch.long))
     except ConfigError as err:
@@ -167,15 +161,12 @@ def _errors() -> dict:
 def _accumulation(shape, parallel_kwargs) -> dict:
     """Two accumulated micro-batches through the trainer's own loop, against one device's full batch:
     gradients, and how many reduce-scatters FSDP2 issued."""
-    from argonne_dt.trainer import accumulate_gradients
-
-    parallel = ParallelConfig(**parallel_kwargs)
-    mesh = _mesh(shape, parallel)
+    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
     reference = ArgonneModel(odd_model_config(**MODEL))
-    model = parallelize(copy.deepcopy(reference), mesh, parallel)
+    model = parallelize(copy.deepcopy(reference), layout)
     # Two rows per dp rank, so that every rank has two micro-batches to accumulate.
-    tokens = torch.randint(0, MODEL["vocab_size"], (2 * parallel.dp, SEQ + 1), generator=torch.Generator().manual_seed(2))
-    local = tokens.chunk(parallel.dp)[mesh.get_local_rank("dp")]
+    tokens = torch.randint(0, MODEL["vocab_size"], (2 * layout.dp, SEQ + 1), generator=torch.Generator().manual_seed(2))
+    local = tokens.chunk(layout.dp)[layout.dp_rank]
     micro_batches = [{"input": half[:, :-1], "target": half[:, 1:]} for half in local.chunk(2)]
     assert len(micro_batches) == 2
     cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:]).backward()
@@ -299,9 +290,9 @@ def test_errors_name_the_values(per_rank):
 
 def test_world_size_must_equal_dp_times_tp():
     with pytest.raises(ConfigError, match=r"world size 4 must equal parallel.dp \* parallel.tp = 3 \* 2"):
-        build_mesh(ParallelConfig(tp=2, dp=3), 4, "cpu")
+        build_layout(ParallelConfig(tp=2, dp=3), "cpu", world_size=4)
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp=4"):
-        build_mesh(ParallelConfig(tp=4), 6, "cpu")
+        build_layout(ParallelConfig(tp=4), "cpu", world_size=6)
 
 
 def _usage_table() -> dict[str, tuple[str, str]]:
@@ -328,9 +319,7 @@ def test_4b9_tp8_local_shards_match_the_usage_table(rank):
     cfg = load_config("4b9.toml")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
     try:
-        with torch.device("meta"):
-            model = ArgonneModel(cfg.model)
-        parallelize(model, build_mesh(cfg.parallel, 8, "cpu"), cfg.parallel)
+        model = build_model(cfg.model, build_layout(cfg.parallel, "cpu"), device="meta")
         local = {_clean(n): (tuple(p.shape), tuple(p.to_local().shape)) for n, p in model.named_parameters()}
         total_local = sum(p.to_local().numel() for p in model.parameters())
     finally:

@@ -1,12 +1,8 @@
 """The memory planner's parameter figures come from the really parallelized model on the meta device."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from plan import plan  # noqa: E402
+from argonne_dt.plan import plan
 
 
 @pytest.mark.parametrize("tp, dp", [(8, 1), (4, 2)])

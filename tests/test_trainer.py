@@ -361,8 +361,8 @@ def test_validation_of_a_checkpoint_equals_the_direct_loss(tp2_runs, corpus):
 
     from argonne_dt.checkpoint import load_model
     from argonne_dt.data import build_data_loader
+    from argonne_dt.evaluation import evaluate_checkpoint
     from argonne_dt.loss import cross_entropy_loss
-    from argonne_dt.trainer import evaluate_checkpoint
 
     tmp, per_rank = tp2_runs
     checkpoint = per_rank[0]["full"]["checkpoint"]

@@ -1,0 +1,164 @@
+"""The process group, the parallel layout of the run, and the dtype its matmuls run in.
+
+``ParallelLayout`` is built once per process (``build_layout``) and passed to everything that
+must know how the world is split: the model factory, the data loader, the trainer, generation,
+the benchmarks and the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from .config import Config, ConfigError, ParallelConfig, resolved_dp
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun process group (or make a group of one); cuda + nccl when GPUs exist."""
+    use_cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python launch/...`: a world of one
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How this process's world is split: a ("dp", "tp") mesh, or ("tp",) when dp is 1.
+
+    ``parallel`` is the run's parallel config with dp resolved; ``sequence_parallel`` and
+    ``loss_parallel`` say whether those are in effect (they need tp > 1).
+    """
+
+    mesh: DeviceMesh
+    parallel: ParallelConfig
+    rank: int
+    world_size: int
+    dp_rank: int
+    tp_rank: int
+
+    @property
+    def tp(self) -> int:
+        return self.parallel.tp
+
+    @property
+    def dp(self) -> int:
+        return self.parallel.dp
+
+    @property
+    def device_type(self) -> str:
+        return self.mesh.device_type
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.parallel.sequence_parallel and self.tp > 1
+
+    @property
+    def loss_parallel(self) -> bool:
+        return self.parallel.loss_parallel and self.tp > 1
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh if self.mesh.ndim == 1 else self.mesh["tp"]
+
+    @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["dp"] if self.mesh.ndim == 2 and self.dp > 1 else None
+
+    @property
+    def tp_group(self):
+        """The process group of this rank's tp peers; None when tp is 1 (nothing to share)."""
+        return self.tp_mesh.get_group() if self.tp > 1 else None
+
+    @property
+    def reads_data(self) -> bool:
+        """One rank per tp group reads the data; its peers receive the batches."""
+        return self.tp_rank == 0
+
+
+def build_layout(parallel: ParallelConfig, device_type: str, world_size: int | None = None) -> ParallelLayout:
+    """The layout of the current process group (``world_size`` defaults to its size; dp=-1 means world / tp)."""
+    world_size = dist.get_world_size() if world_size is None else world_size
+    dp = resolved_dp(parallel, world_size)
+    if dp * parallel.tp != world_size:
+        raise ConfigError(f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {parallel.tp}")
+    if dp == 1:
+        mesh = init_device_mesh(device_type, (parallel.tp,), mesh_dim_names=("tp",))
+    else:
+        mesh = init_device_mesh(device_type, (dp, parallel.tp), mesh_dim_names=("dp", "tp"))
+    return layout_of(mesh, parallel)
+
+
+def layout_of(mesh: DeviceMesh, parallel: ParallelConfig) -> ParallelLayout:
+    """The layout of an existing mesh with dims ("tp",) or ("dp", "tp"); its sizes override ``parallel``'s."""
+    if mesh.mesh_dim_names not in (("tp",), ("dp", "tp")):
+        raise ValueError(f"a layout's mesh has dims ('tp',) or ('dp', 'tp'), not {mesh.mesh_dim_names}")
+    dp = mesh["dp"].size() if mesh.ndim == 2 else 1
+    tp = mesh["tp"].size() if mesh.ndim == 2 else mesh.size()
+    return ParallelLayout(mesh, replace(parallel, dp=dp, tp=tp), dist.get_rank(), mesh.size(),
+                          mesh.get_local_rank("dp") if dp > 1 else 0, mesh.get_local_rank("tp"))
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly distributed tensor (a no-op for plain tensors)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank (one all-reduce): shared decisions."""
+    if not dist.is_initialized():
+        return list(flags)
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: GPUs, and CPUs with native bf16 (AVX-512 BF16, AMX).
+    Elsewhere a CPU's bf16 matmul is emulated and several times slower than fp32."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in (``train.dtype``; ``auto``: bf16 where it is native); master weights stay fp32."""
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return DTYPES[cfg.train.dtype]
+
+
+def resolve_auto_dtype(cfg: Config, device: torch.device) -> Config:
+    """``train.dtype = "auto"`` decided once, on rank 0, for every rank (and so stored in checkpoints)."""
+    if cfg.train.dtype != "auto":
+        return cfg
+    decision = ["bf16" if compute_dtype(cfg, device) == torch.bfloat16 else "fp32"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"train.dtype=auto: {decision[0]} on this {device.type}", flush=True)
+    return replace(cfg, train=replace(cfg.train, dtype=decision[0]))
+
+
+def mixed_precision(dtype: torch.dtype, device: torch.device):
+    """bf16 autocast over the fp32 master weights, or nothing where the compute dtype is fp32."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,81 @@
+"""Validation loss and perplexity on held-out data: during training and of a saved checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, DataConfig
+from .checkpoint import load_model
+from .data import batches_for, data_files, shared_plan
+from .distributed import ParallelLayout, compute_dtype, full_value, mixed_precision
+from .loss import loss_context, next_token_loss
+from .metrics import ProgressReporter
+
+
+@torch.no_grad()
+def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0, source: str = "",
+             progress: ProgressReporter | None = None) -> dict:
+    """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
+
+    Under data parallelism every rank must run the same number of batches, and the mean is taken
+    over all ranks' batches.
+    """
+    total = torch.zeros(2, device=device)  # loss sum, batch count
+    for index, batch in enumerate(batches):
+        if max_batches and index >= max_batches:
+            break
+        with autocast, loss_context(model):
+            total[0] += full_value(next_token_loss(model, batch, device)["loss"])
+        total[1] += 1
+        if progress is not None:
+            progress.advance()
+    if progress is not None:
+        progress.finish()
+    if dist.is_initialized():
+        dist.all_reduce(total)  # tp ranks repeat their dp group's numbers: the ratio is unchanged
+    if total[1] == 0:
+        raise ValueError(f"validation data {source} yielded no batch: too little text for one batch of "
+                         "micro_batch_size x (seq_len + 1) tokens")
+    mean = (total[0] / total[1]).item()
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+class Evaluator:
+    """The validation of a run, planned once: each call reads the same held-out batches afresh.
+
+    The plan is made at construction, so a held-out set that cannot give every dp rank a batch
+    stops the run at start-up, not at its first evaluation.
+    """
+
+    def __init__(self, data_cfg: DataConfig, micro_batch_size: int, max_batches: int, device: torch.device,
+                 autocast, layout: ParallelLayout | None = None, source: str = "data.eval_paths"):
+        self.data_cfg = replace(data_cfg, loop=max_batches > 0)
+        self.micro_batch_size, self.max_batches = micro_batch_size, max_batches
+        self.device, self.autocast, self.layout, self.source = device, autocast, layout, source
+        dp = layout.dp if layout is not None else 1
+        self.plan = shared_plan(data_files(data_cfg.paths, held_out=True), dp, self.data_cfg, source)
+
+    @classmethod
+    def for_run(cls, cfg: Config, device: torch.device, autocast, layout: ParallelLayout) -> Evaluator:
+        """The validation ``train.eval_every`` asks for: ``data.eval_paths`` (or the sample corpus's held-out split)."""
+        return cls(replace(cfg.data, paths=cfg.data.eval_paths), cfg.train.micro_batch_size, cfg.train.eval_batches,
+                   device, autocast, layout, source=f"data.eval_paths={cfg.data.eval_paths}")
+
+    def __call__(self, model, progress: ProgressReporter | None = None) -> dict:
+        batches = batches_for(self.data_cfg, self.micro_batch_size, self.plan, self.layout)
+        return evaluate(model, batches, self.device, self.autocast, self.max_batches, self.source, progress)
+
+
+def evaluate_checkpoint(checkpoint: str, data_paths: list[str], max_batches: int = 0,
+                        micro_batch_size: int | None = None) -> dict:
+    """Validation loss and perplexity of a checkpoint on held-out parquet data (one process)."""
+    device = torch.device("cpu")
+    model, cfg = load_model(checkpoint, device=device)
+    evaluator = Evaluator(replace(cfg.data, paths=data_paths), micro_batch_size or cfg.train.micro_batch_size,
+                          max_batches, device, mixed_precision(compute_dtype(cfg, device), device),
+                          source=str(data_paths))
+    return evaluator(model, ProgressReporter(max_batches or None, f"evaluating {checkpoint}", "batches"))

@@ -1,0 +1,79 @@
+"""One optimizer step: the objective over the micro-batches, a global-norm clip, AdamW.
+
+The trainer, the benchmarks and the equality tests all run this step, so what is measured and
+proven is what trains. It needs no data pipeline (the GPU check imports it on a bare torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+from .distributed import full_value
+from .loss import loss_context, next_token_loss
+from .optim import clip_grad_norm_
+
+Objective = Callable[[torch.nn.Module, dict, torch.device], dict[str, torch.Tensor]]
+
+
+@dataclass
+class StepResult:
+    """Each objective term averaged over micro-batches and dp ranks (the same on every rank),
+    the gradient norm before clipping, and whether the update was applied (all finite)."""
+
+    losses: dict[str, float]
+    grad_norm: float
+    applied: bool
+
+    @property
+    def loss(self) -> float:
+        return self.losses["loss"]
+
+
+def accumulate_gradients(model, micro_batches: list[dict], device: torch.device, autocast,
+                         objective: Objective = next_token_loss) -> dict[str, torch.Tensor]:
+    """Forward + backward of ``objective`` over the micro-batches; returns this rank's terms
+    averaged over them (``loss`` is the one differentiated).
+
+    Under FSDP2 the gradients are reduce-scattered once, after the last micro-batch: the earlier
+    ones accumulate in the unsharded gradients.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        with autocast, loss_context(model):
+            terms = {name: value / len(micro_batches) for name, value in objective(model, batch, device).items()}
+            terms["loss"].backward()
+        for name, value in terms.items():
+            value = full_value(value.detach())
+            sums[name] = sums[name] + value if name in sums else value
+    return sums
+
+
+def train_step(model, optimizer, micro_batches: list[dict], device: torch.device, autocast, grad_clip: float,
+               objective: Objective = next_token_loss) -> StepResult:
+    """Gradients of the micro-batches, global-norm clip, optimizer step unless non-finite.
+
+    Every rank gets the same numbers, so all take the same decision.
+    """
+    sums = accumulate_gradients(model, micro_batches, device, autocast, objective)
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip).item()
+    totals = torch.stack(list(sums.values()))
+    world = 1
+    if dist.is_initialized():
+        # Every tp rank holds its dp group's terms, so the sum over the world is tp x the sum over
+        # dp ranks, and the mean over dp ranks is that sum / world.
+        dist.all_reduce(totals)
+        world = dist.get_world_size()
+    losses = {name: total / world for name, total in zip(sums, totals.tolist())}
+    applied = all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses, grad_norm, applied)
