@@ -354,11 +354,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if world_size is not None:
-        dp = resolved_dp(p, world_size)
-        _require(
-            dp * p.tp == world_size,
-            f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}",
-        )
+        dp = data_parallel_size(p, world_size)
         _require(
             not t.eval_every or t.eval_batches > 0 or dp == 1,
             f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp}: dp ranks would run different "
@@ -379,15 +375,12 @@ def check_tp_divides(m: ModelConfig, tp: int) -> None:
     )
 
 
-def resolved_dp(p: ParallelConfig, world_size: int) -> int:
-    """The data-parallel degree; dp = -1 means world_size / tp."""
-    if p.dp != -1:
-        return p.dp
-    _require(
-        world_size % p.tp == 0,
-        f"world size {world_size} is not divisible by parallel.tp={p.tp}",
-    )
-    return world_size // p.tp
+def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree on ``world_size`` ranks (dp = -1 means world_size / tp); checks dp * tp = world."""
+    _require(world_size % p.tp == 0 or p.dp != -1, f"world size {world_size} is not divisible by parallel.tp={p.tp}")
+    dp = world_size // p.tp if p.dp == -1 else p.dp
+    _require(dp * p.tp == world_size, f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}")
+    return dp
 
 
 def describe_fields() -> str:

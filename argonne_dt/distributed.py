@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from .config import Config, ConfigError, ParallelConfig, resolved_dp
+from .config import Config, ParallelConfig, data_parallel_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -98,9 +98,7 @@ class ParallelLayout:
 def build_layout(parallel: ParallelConfig, device_type: str, world_size: int | None = None) -> ParallelLayout:
     """The layout of the current process group (``world_size`` defaults to its size; dp=-1 means world / tp)."""
     world_size = dist.get_world_size() if world_size is None else world_size
-    dp = resolved_dp(parallel, world_size)
-    if dp * parallel.tp != world_size:
-        raise ConfigError(f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {parallel.tp}")
+    dp = data_parallel_size(parallel, world_size)
     if dp == 1:
         mesh = init_device_mesh(device_type, (parallel.tp,), mesh_dim_names=("tp",))
     else:

@@ -315,7 +315,9 @@ class ArgonneModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward, no recompute), as in DESIGN.md.
+        """Training FLOPs per token (forward + backward, no recompute): 6 per parameter per token
+        (2 forward, 4 backward) plus 12 * layers * heads * head_dim * seq_len for attention scores
+        and values (the PaLM paper's accounting, as Megatron-LM and torchtitan use for MFU).
 
         The embedding lookup costs nothing, but the tied lm_head matmul costs 2 * V * D forward,
         so it is counted even though its weight is the embedding's.

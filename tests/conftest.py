@@ -18,6 +18,13 @@ def odd_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**values)
 
 
+def pytest_collection_modifyitems(items):
+    """Distributed and end-to-end tests are slow by kind; ``pytest -m "not slow"`` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("distributed") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def odd_config() -> ModelConfig:
     return odd_model_config()

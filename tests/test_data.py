@@ -225,6 +225,7 @@ def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
     assert got and got[-1]["dropped"] == {"empty": 1}
 
 
+@pytest.mark.slow
 def test_a_10mb_document_streams_into_windows(tmp_path):
     rng = random.Random(0)
     huge = " ".join(rng.choice(WORDS) for _ in range(1_900_000))
@@ -238,6 +239,7 @@ def test_a_10mb_document_streams_into_windows(tmp_path):
     assert len(state_pending(state)) > 1_000_000  # the rest of the document waits, packed lazily
 
 
+@pytest.mark.slow
 def test_sample_corpus_is_fineweb_parquet_and_cached(tmp_path):
     path = sample_corpus(tmp_path, max_files=60)
     shards_found = sorted(path.glob("*.parquet"))
@@ -251,6 +253,7 @@ def test_sample_corpus_is_fineweb_parquet_and_cached(tmp_path):
     assert first_texts == pq.read_table(sorted(again.glob("*.parquet"))[0]).column("text").to_pylist()
 
 
+@pytest.mark.slow
 def test_sample_corpus_is_shuffled_deterministically_with_a_disjoint_held_out_split(tmp_path):
     from argonne_dt.corpus import sample_held_out, stdlib_documents
 

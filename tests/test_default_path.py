@@ -16,6 +16,9 @@ from argonne_dt.model import ArgonneModel
 from distributed import run_distributed
 from test_trainer import _sigterm_at, _train, corpus, make_config, model_tensors  # noqa: F401 - corpus is a fixture
 
+pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
+
+
 STEPS = 3
 LAYOUTS = {"tp2": {"parallel.tp": 2, "parallel.dp": 1}, "dp2": {"parallel.tp": 1, "parallel.dp": 2},
            "dp2_tp2": {"parallel.tp": 2, "parallel.dp": 2}}

@@ -27,6 +27,9 @@ from argonne_dt.step import accumulate_gradients
 from conftest import odd_model_config
 from distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
+
 # 8 query / 4 kv heads of 18 dims: TP 4 holds 2 / 1; vocab 1001 is divisible by neither 2 nor 4.
 MODEL = dict(vocab_size=1001, hidden_size=144, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=18)
 BATCH, SEQ = 4, 16

@@ -19,6 +19,9 @@ from argonne_dt.optim import lr_at
 from conftest import documents, write_parquet
 from distributed import run_distributed
 
+pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
+
+
 STEPS = 6
 
 
