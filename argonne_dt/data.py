@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -143,6 +143,107 @@ class SharePlan:
         return len(self.shares)
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where the next unread document of a dp rank's share is, in an epoch.
+
+    ``segment`` indexes the share and ``row`` that segment's rows; ``key`` is the segment itself
+    (checked on use: the files must still be those of the plan). The share is the plan's, or
+    ``carryover``: the remainder of an epoch dealt to this rank when the number of dp ranks changed.
+    """
+
+    epoch: int
+    segment: int = 0
+    row: int = 0
+    key: Segment | None = None
+    carryover: tuple[Segment, ...] | None = None
+
+    def unread(self, plan_share: tuple[Segment, ...]) -> list[Segment]:
+        """The segments (the first one cut) of this epoch that the share has not read yet."""
+        share = self.carryover if self.carryover is not None else plan_share
+        if self.key is not None and (self.segment >= len(share) or share[self.segment] != self.key):
+            raise DataError(f"the data position points into {self.key.describe()}, but data.paths now lists other "
+                            "files there: keep data.paths as it was to resume, or start the data afresh")
+        if self.segment >= len(share):
+            return []
+        current = share[self.segment]
+        first = [Segment(current.file, current.row_group, current.start + self.row, current.stop)]
+        return [segment for segment in first if segment.start < segment.stop] + list(share[self.segment + 1:])
+
+
+@dataclass
+class TextBatch:
+    """Texts of one segment as the reader yields them, and the position of the first."""
+
+    texts: list
+    position: Position
+
+
+@dataclass(frozen=True, eq=False)
+class Resumption:
+    """Where a dp rank starts when the run continues on another number of dp ranks.
+
+    ``carryover``: the rows of the interrupted epoch dealt to this rank (read before its plan
+    share, whose next epoch follows); ``pending``: tokens old ranks had packed but not emitted,
+    emitted first; the running counts of the old ranks dealt to it. The default is a fresh start.
+    """
+
+    epoch: int = 0
+    carryover: tuple[Segment, ...] | None = None
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    dropped: dict = field(default_factory=dict)
+    documents: int = 0
+    bad_shards: tuple[str, ...] = ()
+
+
+def _states_with(state, key: str) -> list[dict]:
+    """The dicts holding ``key`` in a nested torchdata loader state."""
+    found, stack = [], [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if key in node:
+                found.append(node)
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return found
+
+
+def reshard_positions(states: list[dict], old_plan: SharePlan, dp_size: int) -> list[Resumption]:
+    """Deal the unread rest of an epoch, saved by ``len(states)`` dp ranks, to ``dp_size`` ranks.
+
+    Every old rank's unread segments (its partly read one cut at the next unread document),
+    concatenated in rank order, are cut into ``dp_size`` contiguous, balanced ranges; old rank k's
+    packed but unemitted tokens and running counts go to new rank k % dp_size. Every document the
+    old ranks had not consumed is read exactly once, and no packed token is lost. Deterministic:
+    every rank computes the same dealing from the same states.
+    """
+    if len(states) != old_plan.dp_size:
+        raise DataError(f"{len(states)} saved data positions, but the plan of the saving run has {old_plan.dp_size} shares")
+    packers = []
+    for rank, state in enumerate(states):
+        found = [node for node in _states_with(state, "position") if "pending" in node]
+        if len(found) != 1:
+            raise DataError(f"the data position of dp rank {rank} has {len(found)} packer states, expected one")
+        packers.append(found[0])
+    unread = [segment for rank, packer in enumerate(packers)
+              for segment in packer["position"].unread(old_plan.shares[rank])]
+    epoch = max(packer["position"].epoch for packer in packers)
+    bad_shards = tuple(sorted({shard for state in states for node in _states_with(state, "bad_shards")
+                               for shard in node["bad_shards"]}))
+    resumptions = []
+    for new_rank, carryover in enumerate(deal_rows(unread, dp_size)):
+        mine = packers[new_rank::dp_size]
+        dropped = Counter()
+        for packer in mine:
+            dropped.update(packer["dropped"])
+        pending = [np.asarray(packer["pending"], dtype=np.int64) for packer in mine]
+        resumptions.append(Resumption(epoch, carryover, np.concatenate(pending) if pending else Resumption().pending,
+                                      dict(dropped), sum(packer["documents"] for packer in mine), bad_shards))
+    return resumptions
+
+
 def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths") -> SharePlan:
     """Read the files' row counts (parquet footers only) and cut them into ``dp_size`` shares.
 
@@ -169,16 +270,25 @@ def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "
             f"{source}: {total} readable rows in {len(files)} file(s) cannot give each of {dp_size} data-parallel "
             "ranks a share: add data or use fewer dp ranks"
         )
-    bounds = [rank * total // dp_size for rank in range(dp_size + 1)]
-    shares: list[list[Segment]] = [[] for _ in range(dp_size)]
+    return SharePlan(deal_rows([Segment(path, group, 0, rows) for path, group, rows in row_groups], dp_size),
+                     tuple(unreadable))
+
+
+def deal_rows(segments: list[Segment], parts: int) -> tuple[tuple[Segment, ...], ...]:
+    """Cut the rows of ``segments``, in order, into ``parts`` contiguous ranges equal to one row."""
+    total = sum(segment.stop - segment.start for segment in segments)
+    bounds = [part * total // parts for part in range(parts + 1)]
+    shares: list[list[Segment]] = [[] for _ in range(parts)]
     offset = 0
-    for path, group, rows in row_groups:
-        for rank in range(dp_size):
-            lo, hi = max(bounds[rank], offset), min(bounds[rank + 1], offset + rows)
+    for segment in segments:
+        rows = segment.stop - segment.start
+        for part in range(parts):
+            lo, hi = max(bounds[part], offset), min(bounds[part + 1], offset + rows)
             if lo < hi:
-                shares[rank].append(Segment(path, group, lo - offset, hi - offset))
+                shares[part].append(Segment(segment.file, segment.row_group, segment.start + lo - offset,
+                                            segment.start + hi - offset))
         offset += rows
-    return SharePlan(tuple(map(tuple, shares)), tuple(unreadable))
+    return tuple(map(tuple, shares))
 
 
 def _read_metadata(path: str):
@@ -216,23 +326,32 @@ class ParquetDocumentReader(BaseNode[list]):
     unreadable row group skips that row group only. Each is counted once in ``bad_shards``.
     """
 
-    def __init__(self, plan: SharePlan, dp_rank: int, cfg: DataConfig, batch_size: int):
+    def __init__(self, plan: SharePlan, dp_rank: int, cfg: DataConfig, batch_size: int,
+                 resumption: Resumption | None = None):
         super().__init__()
         self.plan, self.dp_rank, self.cfg, self.batch_size = plan, dp_rank, cfg, batch_size
-        self.share = plan.shares[dp_rank]
+        self.resumption = resumption
+
+    def _start_state(self) -> dict:
+        start = self.resumption or Resumption()
+        return {"epoch": start.epoch, "segment": -1, "row": 0, "segment_key": None,
+                "bad_shards": sorted(set(self.plan.unreadable) | set(start.bad_shards)), "dp_rank": self.dp_rank,
+                "dp_size": self.plan.dp_size,
+                "carryover": None if start.carryover is None else [self._key(s) for s in start.carryover]}
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        state = initial_state or {"epoch": 0, "segment": -1, "row": 0, "segment_key": None,
-                                  "bad_shards": list(self.plan.unreadable), "dp_rank": self.dp_rank,
-                                  "dp_size": self.plan.dp_size}
+        state = initial_state or self._start_state()
         if (state["dp_rank"], state["dp_size"]) != (self.dp_rank, self.plan.dp_size):
             raise DataError(
                 f"the data position was saved by dp rank {state['dp_rank']} of {state['dp_size']}, "
-                f"now dp rank {self.dp_rank} of {self.plan.dp_size}: resuming with another number of "
-                "data-parallel ranks would skip or repeat documents; keep the number of nodes or "
-                "start the data afresh"
+                f"now dp rank {self.dp_rank} of {self.plan.dp_size}: a position belongs to its dp rank; "
+                "continuing on another number of ranks deals the positions of all ranks anew "
+                "(reshard_positions, which the trainer does)"
             )
+        carryover = state["carryover"]
+        self.carryover = None if carryover is None else tuple(Segment(*key) for key in carryover)
+        self.share = self.plan.shares[self.dp_rank] if self.carryover is None else self.carryover
         self.epoch, self.segment, self.row = state["epoch"], state["segment"], state["row"]
         saved, at = state["segment_key"], max(self.segment, 0)
         if saved is not None and (at >= len(self.share) or self._key(self.share[at]) != saved):
@@ -257,8 +376,8 @@ class ParquetDocumentReader(BaseNode[list]):
         at = max(self.segment, 0)
         return {"epoch": self.epoch, "segment": self.segment, "row": self.row,
                 "segment_key": self._key(self.share[at]) if at < len(self.share) else None,
-                "bad_shards": list(self.bad_shards),
-                "dp_rank": self.dp_rank, "dp_size": self.plan.dp_size}
+                "bad_shards": list(self.bad_shards), "dp_rank": self.dp_rank, "dp_size": self.plan.dp_size,
+                "carryover": None if self.carryover is None else [self._key(s) for s in self.carryover]}
 
     def _bad(self, what: str, err: Exception) -> None:
         _unreadable(what, err, self.cfg.on_bad_shard)
@@ -308,12 +427,14 @@ class ParquetDocumentReader(BaseNode[list]):
         self._rows = []
         return False
 
-    def next(self) -> list:
+    def next(self) -> TextBatch:
         while self.row >= len(self._rows):
             if not self._advance():
                 if not self.cfg.loop:
                     raise StopIteration
+                # A new epoch reads the plan's share (a dealt remainder covered the rest of the old one).
                 self.epoch += 1
+                self.carryover, self.share = None, self.plan.shares[self.dp_rank]
                 self.segment, self.row, self._rows, self._unopenable = -1, 0, [], set()
                 if not self._advance():
                     files = sorted({segment.file for segment in self.share})
@@ -321,16 +442,20 @@ class ParquetDocumentReader(BaseNode[list]):
                                     f"{len(self.share)} segment(s) of {', '.join(files[:3])}"
                                     f"{' ...' if len(files) > 3 else ''}: see the warnings above for why")
         texts = self._rows[self.row : self.row + self.batch_size]
+        position = Position(self.epoch, self.segment, self.row, self.share[self.segment], self.carryover)
         self.row += len(texts)
-        return texts
+        return TextBatch(texts, position)
 
 
 @dataclass
 class TokenizedDocs:
-    """Token ids of the documents that passed the filters, and what each rule dropped."""
+    """Token ids of the documents of a ``TextBatch`` that passed the filters, what each rule dropped,
+    the position of each kept document, and the position after the batch."""
 
     docs: list[list[int]]
     dropped: Counter = field(default_factory=Counter)
+    positions: list[Position] = field(default_factory=list)
+    end: Position | None = None
 
 
 class QualityFilterTokenizer:
@@ -354,22 +479,25 @@ class QualityFilterTokenizer:
                 return "alpha_space_ratio"
         return None
 
-    def __call__(self, texts: list) -> TokenizedDocs:
-        result = TokenizedDocs([])
-        kept = []
-        for text in texts:
+    def __call__(self, batch: TextBatch) -> TokenizedDocs:
+        start = batch.position
+        result = TokenizedDocs([], end=replace(start, row=start.row + len(batch.texts)))
+        kept, rows = [], []
+        for row, text in enumerate(batch.texts, start.row):
             rule = self.rejects(text)
             if rule:
                 result.dropped[rule] += 1
             else:
                 kept.append(text)
+                rows.append(row)
         # The Rust tokenizer directly: no length warnings for long documents, less overhead.
         encodings = self.tokenizer.backend_tokenizer.encode_batch(kept, add_special_tokens=False) if kept else []
-        for doc in (e.ids for e in encodings):
+        for doc, row in zip((e.ids for e in encodings), rows):
             if len(doc) < self.cfg.min_tokens:
                 result.dropped["too_few_tokens"] += 1
             else:
                 result.docs.append(self.bos + doc + self.eos)
+                result.positions.append(replace(start, row=row))
         return result
 
 
@@ -377,13 +505,16 @@ class TokenPacker(BaseNode[dict]):
     """Concatenates documents and cuts windows of ``window`` tokens; only the final remainder is lost.
 
     State: the source's state before the current batch of documents, the index of the next
-    document in it, the pending tokens, and running counts. On restore the batch is produced again
-    (deterministically) and packing continues mid-document.
+    document in it, the pending tokens, running counts, and the position of the next unread
+    document (what ``reshard_positions`` deals when the number of dp ranks changes). On restore
+    the batch is produced again (deterministically) and packing continues mid-document.
+    ``resumption`` starts a fresh packer with the tokens other ranks had packed but not emitted.
     """
 
-    def __init__(self, source: BaseNode[TokenizedDocs], window: int):
+    def __init__(self, source: BaseNode[TokenizedDocs], window: int, resumption: Resumption | None = None):
         super().__init__()
         self.source, self.window = source, window
+        self.resumption = resumption or Resumption()
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
@@ -391,12 +522,15 @@ class TokenPacker(BaseNode[dict]):
         if initial_state is None:
             self.source.reset()
             self._source_state, self._doc_index = None, 0
-            self._pending = np.zeros(0, dtype=np.int64)
-            self.dropped, self.documents = Counter(), 0
+            start = self.resumption
+            self._start = Position(start.epoch, carryover=start.carryover)
+            self._pending = np.asarray(start.pending, dtype=np.int64)
+            self.dropped, self.documents = Counter(start.dropped), start.documents
             return
         self._source_state = initial_state["source"]
         self.source.reset(self._source_state)
         self._doc_index = initial_state["doc_index"]
+        self._start = initial_state["position"]
         if self._source_state is not None:
             try:
                 self._batch = next(self.source)
@@ -405,9 +539,14 @@ class TokenPacker(BaseNode[dict]):
         self._pending = np.asarray(initial_state["pending"], dtype=np.int64)
         self.dropped, self.documents = Counter(initial_state["dropped"]), initial_state["documents"]
 
+    def _position(self) -> Position:
+        if self._doc_index < len(self._batch.docs):
+            return self._batch.positions[self._doc_index]
+        return self._batch.end or self._start
+
     def get_state(self) -> dict:
         return {"source": self._source_state, "doc_index": self._doc_index, "pending": self._pending.copy(),
-                "dropped": dict(self.dropped), "documents": self.documents}
+                "dropped": dict(self.dropped), "documents": self.documents, "position": self._position()}
 
     def _next_document(self) -> list[int]:
         while self._doc_index >= len(self._batch.docs):
@@ -455,14 +594,16 @@ class DataLoader:
 
 
 def build_data_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                      files: list[str] | None = None, plan: SharePlan | None = None) -> DataLoader:
-    """The pipeline for one dp rank, over ``plan`` (by default planned here from ``files`` or ``cfg.paths``)."""
+                      files: list[str] | None = None, plan: SharePlan | None = None,
+                      resumption: Resumption | None = None) -> DataLoader:
+    """The pipeline for one dp rank, over ``plan`` (by default planned here from ``files`` or ``cfg.paths``),
+    started fresh or from ``resumption`` (see ``reshard_positions``)."""
     if plan is None:
         plan = plan_shares(files if files is not None else data_files(cfg.paths), dp_size, cfg)
-    node: BaseNode = ParquetDocumentReader(plan, dp_rank, cfg, cfg.tokenize_batch_size)
+    node: BaseNode = ParquetDocumentReader(plan, dp_rank, cfg, cfg.tokenize_batch_size, resumption)
     node = ParallelMapper(node, QualityFilterTokenizer(cfg), num_workers=cfg.num_workers, in_order=True,
                           method="thread")
-    node = TokenPacker(node, cfg.seq_len + 1)
+    node = TokenPacker(node, cfg.seq_len + 1, resumption)
     node = Batcher(node, batch_size=micro_batch_size, drop_last=True)
     node = Mapper(node, _collate)
     if cfg.prefetch > 0:

@@ -94,9 +94,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
 
 def loss_context(model):
-    """``loss_parallel()`` when the model's logits come out vocab-sharded; the loss's forward and
-    backward go inside it."""
-    return loss_parallel() if model.vocab_sharded_logits else contextlib.nullcontext()
+    """``loss_parallel()`` when the model's logits come out vocab-sharded (``ArgonneModel.use_loss_path``);
+    the loss's forward and backward go inside it. Other models (Hugging Face's, in the benchmarks)
+    have whole logits."""
+    return loss_parallel() if getattr(model, "vocab_sharded_logits", False) else contextlib.nullcontext()
 
 
 def next_token_loss(model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,6 +1,9 @@
 import logging
 import random
+from collections import Counter
 from itertools import islice
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,10 +15,14 @@ from argonne_dt.corpus import FINEWEB_SCHEMA, convert_to_shards, sample_corpus
 from argonne_dt.data import (
     DataError,
     ParquetDocumentReader,
+    Position,
     QualityFilterTokenizer,
-    plan_shares,
+    TensorParallelBatches,
+    TextBatch,
+    TokenPacker,
     build_data_loader,
     expand_paths,
+    plan_shares,
 )
 from argonne_dt.tokenizer import load_tokenizer
 from conftest import WORDS, documents, write_parquet
@@ -83,11 +90,11 @@ def test_quality_filter_rules_and_counts():
     assert f.rejects(symbols) == "alpha_space_ratio"
     assert f.rejects(short_digits) is None
     good = " ".join(WORDS)
-    out = f([None, "", digits, symbols, short_digits, "too short", good])
+    out = f(TextBatch([None, "", digits, symbols, short_digits, "too short", good], Position(0)))
     # Qwen splits digits one per token: the short digit string has 20 tokens and stays.
     assert out.dropped == {"empty": 2, "digit_ratio": 1, "alpha_space_ratio": 1, "too_few_tokens": 1}
     assert len(out.docs) == 2 and all(d[0] == 151644 and d[-1] == 151645 for d in out.docs)
-    no_markers = QualityFilterTokenizer(config(add_bos=False, add_eos=False, min_tokens=1))([good])
+    no_markers = QualityFilterTokenizer(config(add_bos=False, add_eos=False, min_tokens=1))(TextBatch([good], Position(0)))
     assert no_markers.docs[0] == load_tokenizer("qwen2.5")(good, add_special_tokens=False)["input_ids"]
 
 
@@ -143,7 +150,7 @@ def _reader(files, rank=0, size=1, **overrides) -> ParquetDocumentReader:
 
 
 def _rank_texts(files, rank, size):
-    return [t for batch in _reader(files, rank, size, loop=False, on_bad_shard="error") for t in batch]
+    return [t for batch in _reader(files, rank, size, loop=False, on_bad_shard="error") for t in batch.texts]
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 3])
@@ -177,7 +184,7 @@ def test_epochs_loop_or_stop(shards):
     files, docs = shards
     one_pass = _rank_texts(files, 0, 1)
     reader = _reader(files, loop=True, on_bad_shard="error")
-    texts = [t for batch in islice(reader, 60) for t in batch]  # 26 batches an epoch
+    texts = [t for batch in islice(reader, 60) for t in batch.texts]  # 26 batches an epoch
     assert texts[: len(docs)] == one_pass and texts[len(docs) : 2 * len(docs)] == one_pass
     assert reader.get_state()["epoch"] >= 1
 
@@ -198,7 +205,7 @@ def bad_files(tmp_path):
 def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
     reader = _reader(bad_files, loop=False, on_bad_shard="skip")
     with caplog.at_level(logging.WARNING):
-        texts = [t for batch in reader for t in batch]
+        texts = [t for batch in reader for t in batch.texts]
     assert texts == documents(10) + documents(10, seed=9)
     assert reader.get_state()["bad_shards"] == bad_files[1:3]
     assert "b-notes.parquet" in caplog.text and "c-truncated.parquet" in caplog.text
@@ -219,7 +226,7 @@ def test_missing_text_column_names_file_and_columns(tmp_path):
 def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
     raw = [b"valid text about the model " * 3, b"broken \xff\xfe bytes in the middle of a sentence here", None]
     path = write_parquet(tmp_path / "bytes.parquet", raw, binary=True)
-    texts = [t for batch in _reader([path], loop=False, on_bad_shard="error") for t in batch]
+    texts = [t for batch in _reader([path], loop=False, on_bad_shard="error") for t in batch.texts]
     assert texts[1] == "broken \ufffd\ufffd bytes in the middle of a sentence here" and texts[2] is None
     got = batches(build_data_loader(config(seq_len=7, loop=False), 1, files=[path]), 100)
     assert got and got[-1]["dropped"] == {"empty": 1}
@@ -363,7 +370,7 @@ def test_transient_read_errors_are_retried_not_skipped(shards, caplog):
     reader = _reader(urls, loop=False)
     failures["left"] = 2  # and the first row group
     with caplog.at_level(logging.WARNING):
-        texts = [t for batch in reader for t in batch]
+        texts = [t for batch in reader for t in batch.texts]
     assert texts == _rank_texts(files, 0, 1) and sorted(texts) == sorted(docs)
     assert reader.get_state()["bad_shards"] == []
     assert caplog.text.count("connection reset by peer; retrying") == 5
@@ -386,7 +393,7 @@ def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
     after = write_parquet(tmp_path / "next.parquet", documents(5, seed=7))
     reader = _reader([str(path), after], loop=False)
     with caplog.at_level(logging.WARNING):
-        texts = [t for batch in reader for t in batch]
+        texts = [t for batch in reader for t in batch.texts]
     assert texts == docs[:8] + docs[16:] + documents(5, seed=7)
     assert reader.get_state()["bad_shards"] == [f"{path} row group 1"]
 
@@ -396,3 +403,47 @@ def test_a_share_with_nothing_readable_names_its_files(tmp_path):
     _with_corrupt_row_group(path, documents(8, seed=3), row_group_size=8, corrupt=0)
     with pytest.raises(DataError, match=r"no readable rows for dp rank 0 in its 1 segment\(s\) of .*only.parquet"):
         list(islice(_reader([str(path)], loop=True), 3))
+
+
+def _windows(batch: dict) -> np.ndarray:
+    """The packed windows of a batch (input and target overlap in all but one token)."""
+    return torch.cat([batch["input"][:, :1], batch["target"]], dim=1).numpy()
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards, monkeypatch, old, new):
+    """Old ranks read part of an epoch and save; new ranks deal the positions and read to the end.
+
+    Documents are counted as the packer takes them (no prefetching, so what the state saved is
+    what was taken): together the two runs take every document of the epoch exactly once, and each
+    new rank first emits the tokens its old ranks had packed but not emitted.
+    """
+    files, docs = shards
+    cfg = config(paths=files, loop=False, prefetch=0)  # the saving run's plan is made again from data.paths
+    taken: list[tuple] = []
+    real = TokenPacker._next_document
+    monkeypatch.setattr(TokenPacker, "_next_document",
+                        lambda self: taken.append(tuple(doc := real(self))) or doc)
+    states, emitted = {}, 0
+    for rank in range(old):
+        reader = TensorParallelBatches(cfg, 1, plan_shares(files, old, cfg), rank)
+        for batch in islice(iter(reader), 9 + 4 * rank):  # mid-document and mid-segment, unevenly
+            emitted += _windows(batch).size
+        states.update(reader.state_dict())
+    before, taken[:] = list(taken), []
+    new_plan, carried = plan_shares(files, new, cfg), 0
+    for rank in range(new):
+        reader = TensorParallelBatches(cfg, 1, new_plan, rank)
+        reader.load_state_dict(states)
+        stream = np.concatenate([_windows(batch).ravel() for batch in reader])
+        leftovers = [state_pending(states[f"dp_rank_{k}"]) for k in range(rank, old, new)]
+        leftovers = np.concatenate(leftovers) if leftovers else np.zeros(0, dtype=np.int64)
+        assert np.array_equal(stream[: len(leftovers)], leftovers), rank
+        carried += len(leftovers)
+        emitted += stream.size
+    assert carried > 0  # the old ranks stopped mid-document
+    epoch = QualityFilterTokenizer(cfg)(TextBatch(docs, Position(0))).docs
+    assert Counter(before) + Counter(taken) == Counter(map(tuple, epoch))
+    assert len(before) and len(taken)
+    # Only each new rank's final remainder (less than a window) is not emitted.
+    assert 0 <= sum(map(len, epoch)) - emitted < new * (cfg.seq_len + 1)
