@@ -614,23 +614,27 @@ def build_data_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, 
 class TensorParallelBatches:
     """A dp rank's batches as all ranks of its tensor-parallel group see them.
 
-    Only the group's first rank reads and tokenizes (it holds ``loader``); each batch reaches the
-    peers by broadcast. The vocab-parallel embedding and loss combine partial results across
-    the group, so its ranks must hold the same tokens: a read error on one rank cannot make them
-    differ, and the tokenization is done once instead of tp times. A reader's error (or the end
-    of the data) reaches the peers too. ``tp_group=None``: a group of one, no communication.
+    Only the group's first rank (``reads``) reads and tokenizes; each batch reaches the peers by
+    broadcast. The vocab-parallel embedding and loss combine partial results across the group, so
+    its ranks must hold the same tokens: a read error on one rank cannot make them differ, and the
+    tokenization is done once instead of tp times. A reader's error (or the end of the data)
+    reaches the peers too. ``tp_group=None``: a group of one, no communication.
     """
 
-    def __init__(self, loader: DataLoader | None, tp_group=None, dp_rank: int = 0):
-        if loader is None and tp_group is None:
-            raise ValueError("a rank without a loader needs the tp group to receive batches")
-        self.loader, self.group, self.dp_rank = loader, tp_group, dp_rank
+    def __init__(self, cfg: DataConfig, micro_batch_size: int, plan: SharePlan, dp_rank: int = 0,
+                 reads: bool = True, tp_group=None):
+        if not reads and tp_group is None:
+            raise ValueError("a rank that does not read needs the tp group to receive batches")
+        self.cfg, self.micro_batch_size, self.plan, self.dp_rank = cfg, micro_batch_size, plan, dp_rank
+        self.reads, self.group = reads, tp_group
+        self.loader = self._loader(None)
         self._batches = None
 
-    @property
-    def reads(self) -> bool:
-        """Whether this rank reads the data (and so owns the data position in checkpoints)."""
-        return self.loader is not None
+    def _loader(self, resumption: Resumption | None) -> DataLoader | None:
+        if not self.reads:
+            return None
+        return build_data_loader(self.cfg, self.micro_batch_size, self.dp_rank, self.plan.dp_size, plan=self.plan,
+                                 resumption=resumption)
 
     def __iter__(self):
         self._batches = iter(self.loader) if self.loader is not None else None
@@ -660,20 +664,38 @@ class TensorParallelBatches:
         return {f"dp_rank_{self.dp_rank}": self.loader.state_dict()} if self.reads else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore this dp rank's position from the positions of a checkpoint (keyed by dp rank)."""
-        if not self.reads:
+        """Continue from the positions of a checkpoint (keyed by dp rank); called on every rank.
+
+        Saved by as many dp ranks as this run has: this rank's position, token for token. Saved by
+        another number: the unread rest of the epoch and the packed tokens of all saved ranks are
+        dealt anew (``reshard_positions``; the saving run's plan is made again from data.paths).
+        """
+        saved = len(state)
+        if saved == self.plan.dp_size:
+            key = f"dp_rank_{self.dp_rank}"
+            if self.reads:
+                if key not in state:
+                    raise DataError(f"the checkpoint has no data position for dp rank {self.dp_rank} "
+                                    f"(it holds {', '.join(sorted(state))})")
+                self.loader.load_state_dict(state[key])
             return
-        key = f"dp_rank_{self.dp_rank}"
-        if key not in state:
-            raise DataError(f"the checkpoint has no data position for dp rank {self.dp_rank} "
-                            f"(it was saved by {len(state)} dp rank(s))")
-        self.loader.load_state_dict(state[key])
+        missing = [rank for rank in range(saved) if f"dp_rank_{rank}" not in state]
+        if missing:
+            raise DataError(f"the checkpoint's data positions miss dp ranks {missing} of {saved}")
+        old_plan = shared_plan(data_files(self.cfg.paths), saved, self.cfg)
+        resumptions = reshard_positions([state[f"dp_rank_{rank}"] for rank in range(saved)], old_plan,
+                                        self.plan.dp_size)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            rows = sum(s.stop - s.start for r in resumptions for s in r.carryover)
+            print(f"data: positions saved by {saved} dp rank(s), continuing on {self.plan.dp_size}: the epoch's "
+                  f"{rows} unread rows and {sum(len(r.pending) for r in resumptions)} packed tokens are dealt "
+                  "anew", flush=True)
+        self.loader = self._loader(resumptions[self.dp_rank])
 
 
 def batches_for(cfg: DataConfig, micro_batch_size: int, plan: SharePlan, layout=None) -> TensorParallelBatches:
     """The batches of this rank under ``layout`` (a ``ParallelLayout``; None: one process):
     its dp rank's share of ``plan``, read by the first rank of its tp group."""
     if layout is None:
-        return TensorParallelBatches(build_data_loader(cfg, micro_batch_size, plan=plan))
-    loader = build_data_loader(cfg, micro_batch_size, layout.dp_rank, layout.dp, plan=plan) if layout.reads_data else None
-    return TensorParallelBatches(loader, layout.tp_group, layout.dp_rank)
+        return TensorParallelBatches(cfg, micro_batch_size, plan)
+    return TensorParallelBatches(cfg, micro_batch_size, plan, layout.dp_rank, layout.reads_data, layout.tp_group)
