@@ -22,6 +22,7 @@ import time
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -108,10 +109,14 @@ class CheckpointState(Protocol):
 
 
 class RngState:
-    """This rank's random-number generator states (CPU, and CUDA on GPUs), keyed by global rank."""
+    """Every rank's random-number generator states (CPU, and CUDA on GPUs), keyed by global rank.
 
-    def __init__(self, rank: int, device: torch.device):
-        self.rank, self.device = rank, device
+    Resumed on fewer ranks, the states of ranks that no longer exist are dropped (with a notice);
+    on more, each new rank seeds its generators from ``seed``, its rank and the resumed step.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, seed: int, step: Callable[[], int]):
+        self.rank, self.world_size, self.device, self.seed, self.step = rank, world_size, device, seed, step
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -120,8 +125,18 @@ class RngState:
         return {f"rank_{self.rank}": state}
 
     def load_state_dict(self, entries: dict[str, Any]) -> None:
+        saved = {int(key.removeprefix("rank_")) for key in entries}
+        if self.rank == 0:
+            dropped = sorted(rank for rank in saved if rank >= self.world_size)
+            new = [rank for rank in range(self.world_size) if rank not in saved]
+            if dropped:
+                print(f"RNG states of ranks {dropped} dropped: the checkpoint was written by {len(saved)} ranks, "
+                      f"this run has {self.world_size}", flush=True)
+            if new:
+                print(f"ranks {new} have no saved RNG state: seeded from train.seed, the rank and the step", flush=True)
         state = entries.get(f"rank_{self.rank}")
-        if state is None:  # a rank the saving run did not have: it keeps its seeded generator
+        if state is None:
+            torch.manual_seed(self.seed + 1_000_003 * self.step() + self.rank)
             return
         torch.set_rng_state(state["cpu"])
         if self.device.type == "cuda" and "cuda" in state:

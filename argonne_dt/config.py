@@ -114,7 +114,11 @@ class OptimConfig:
 class TrainConfig:
     steps: int = _doc("optimizer steps of the whole run", default=1000)
     micro_batch_size: int = _doc("sequences per data-parallel rank per micro-step", default=1)
-    grad_accum_steps: int = _doc("micro-batches accumulated per optimizer step", default=1)
+    grad_accum_steps: int = _doc("micro-batches accumulated per optimizer step (derived when "
+                                 "global_batch_size is set)", default=1)
+    global_batch_size: int = _doc("sequences per optimizer step over all dp ranks; 0 derives it from micro_batch_size "
+                                  "x grad_accum_steps x dp. Set, it keeps tokens per step (and the schedule's "
+                                  "meaning) whatever the number of nodes", default=0)
     seed: int = _doc("seed for init and everything random", default=1234)
     dtype: str = _doc("compute dtype: bf16 (autocast, fp32 master weights), fp32, or auto (bf16 on GPUs "
                       "and on CPUs with native bf16, else fp32)", default="bf16")
@@ -349,12 +353,14 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(t.dtype in ("bf16", "fp32", "auto"), f"train.dtype={t.dtype!r} must be bf16, fp32 or auto")
     for key in ("steps", "micro_batch_size", "grad_accum_steps"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    _require(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0: derived), got {t.global_batch_size}")
     o = config.optim
     _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
+        grad_accum_steps(t, dp)
         _require(
             not t.eval_every or t.eval_batches > 0 or dp == 1,
             f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp}: dp ranks would run different "
@@ -381,6 +387,30 @@ def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
     dp = world_size // p.tp if p.dp == -1 else p.dp
     _require(dp * p.tp == world_size, f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}")
     return dp
+
+
+def grad_accum_steps(t: TrainConfig, dp: int) -> int:
+    """Micro-batches per optimizer step on ``dp`` ranks: ``train.grad_accum_steps``, or derived from
+    ``train.global_batch_size`` = micro_batch_size x grad_accum_steps x dp, which must come out whole."""
+    if not t.global_batch_size:
+        return t.grad_accum_steps
+    per_micro_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_micro_step:
+        lower = t.global_batch_size // per_micro_step * per_micro_step
+        nearest = [value for value in (lower, lower + per_micro_step) if value > 0]
+        sizes = [m for m in range(1, t.global_batch_size + 1) if t.global_batch_size % (m * dp) == 0]
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} cannot be formed on {dp} dp rank(s) from "
+            f"train.micro_batch_size={t.micro_batch_size}: it must be a multiple of micro_batch_size x dp = "
+            f"{per_micro_step}; nearest valid global_batch_size: {' or '.join(map(str, nearest))}"
+            + (f"; or train.micro_batch_size in {sizes[:8]}" if sizes else "; or run on a dp size that divides it")
+        )
+    accum = t.global_batch_size // per_micro_step
+    _require(t.grad_accum_steps in (1, accum),
+             f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.global_batch_size={t.global_batch_size} "
+             f"(which gives {accum} on {dp} dp rank(s) of micro_batch_size {t.micro_batch_size}): leave "
+             "grad_accum_steps at 1 when global_batch_size is set")
+    return accum
 
 
 def describe_fields() -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
-from .config import Config, validate
+from .config import Config, grad_accum_steps, validate
 from .data import batches_for, data_files, shared_plan
 from .distributed import any_rank, build_layout, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype
 from .evaluation import Evaluator
@@ -105,14 +105,16 @@ class Trainer:
         self.checkpointer = Checkpointer(
             Path(cfg.job.dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
             ModelOptimizerState(self.model, self.optimizer),
-            {"progress": self.progress, "data": self.data, "rng": RngState(layout.rank, self.device)},
+            {"progress": self.progress, "data": self.data,
+             "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)},
             checkpoint_group)
         self._resume()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, start_step=self.progress.step)
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
         self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=self.is_main,
                                      resume_step=self.progress.step)
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * layout.dp
+        self.grad_accum_steps = grad_accum_steps(cfg.train, layout.dp)
+        self.tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * self.grad_accum_steps * layout.dp
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, dtype) * layout.world_size
         self.losses: dict[int, float] = {}
@@ -137,7 +139,7 @@ class Trainer:
         """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop`` false)."""
         batches, ended = [], False
         try:
-            batches = [next(self.batches) for _ in range(self.cfg.train.grad_accum_steps)]
+            batches = [next(self.batches) for _ in range(self.grad_accum_steps)]
         except StopIteration:
             ended = True
         if not self.cfg.data.loop and any_rank([ended], self.device)[0]:

@@ -96,3 +96,23 @@ def test_resume_names_changed_settings_and_refuses_model_values_the_weights_depe
     cfg.model.rope_theta = 500_000.0
     with pytest.raises(CheckpointError, match=r"model.rope_theta is 500000.0 in this config but 10000.0 in .*config.json"):
         config_changes(path, cfg)
+
+
+def test_rng_states_of_ranks_that_are_gone_are_dropped_and_new_ranks_seed_from_the_step(capsys):
+    from argonne_dt.checkpoint import RngState
+
+    torch.manual_seed(7)
+    saved = {}
+    for rank in range(4):  # a run of 4 ranks, each with its own generator state
+        torch.rand(rank + 1)
+        saved.update(RngState(rank, 4, torch.device("cpu"), seed=1, step=lambda: 10).state_dict())
+    RngState(1, 2, torch.device("cpu"), seed=1, step=lambda: 10).load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), saved["rank_1"]["cpu"])
+    RngState(0, 2, torch.device("cpu"), seed=1, step=lambda: 10).load_state_dict(saved)
+    assert "RNG states of ranks [2, 3] dropped: the checkpoint was written by 4 ranks, this run has 2" in capsys.readouterr().out
+    two_of_four = {key: saved[key] for key in ("rank_0", "rank_1")}
+    draws = []
+    for step in (10, 10, 11):
+        RngState(3, 4, torch.device("cpu"), seed=1, step=lambda step=step: step).load_state_dict(two_of_four)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

@@ -110,3 +110,20 @@ def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
     assert resolved.train.dtype == ("bf16" if native_bf16(cpu) else "fp32") and cfg.train.dtype == "auto"
     assert compute_dtype(resolved, cpu) == compute_dtype(cfg, cpu)
     assert compute_dtype(load_config("4b9.toml"), cpu) == torch.bfloat16  # explicit bf16 stays bf16
+
+
+def test_a_global_batch_derives_accumulation_and_refuses_what_the_layout_cannot_form():
+    from argonne_dt.config import grad_accum_steps
+
+    cfg = load_config("tiny.toml", ["--train.global_batch_size=8", "--train.micro_batch_size=2", "--parallel.tp=1"])
+    assert [grad_accum_steps(cfg.train, dp) for dp in (1, 2, 4)] == [4, 2, 1]
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8 cannot be formed on 3 dp rank\(s\) from "
+                                          r"train.micro_batch_size=2: .* nearest valid global_batch_size: 6 or 12"):
+        validate(cfg, world_size=3)
+    cfg.train.grad_accum_steps = 3
+    with pytest.raises(ConfigError, match=r"train.grad_accum_steps=3 contradicts train.global_batch_size=8 "
+                                          r"\(which gives 2 on 2 dp rank"):
+        validate(cfg, world_size=2)
+    cfg.train.grad_accum_steps, cfg.train.global_batch_size = 3, 0  # unset: accumulation as configured
+    assert grad_accum_steps(cfg.train, 3) == 3

@@ -46,17 +46,19 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def test_sigterm_to_the_workers_saves_and_exits_0_under_torchrun(tmp_path):
-    """What a cluster scheduler does on preemption: SIGTERM to every process of the job."""
+def test_sigterm_to_the_workers_saves_and_the_run_continues_on_fewer_ranks(tmp_path):
+    """What a cluster scheduler does on preemption: SIGTERM to every process of the job. The run then
+    continues on one process instead of two (dp 2 -> 1) with the same global batch."""
     import signal
     import time
 
     job = tmp_path / "preempted"
+    settings = ["--config", "tiny.toml", "--parallel.tp=1", "--metrics.log_every=1", "--checkpoint.every=0",
+                "--data.seq_len=32", "--train.micro_batch_size=2", "--train.global_batch_size=4", f"--job.dir={job}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "launch/train_dt.py", "--config", "tiny.toml", "--train.steps=1000", "--metrics.log_every=1",
-         "--checkpoint.every=0", "--data.seq_len=32", "--train.micro_batch_size=2", f"--job.dir={job}"],
+         "launch/train_dt.py", *settings, "--train.steps=1000"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -79,6 +81,15 @@ def test_sigterm_to_the_workers_saves_and_exits_0_under_torchrun(tmp_path):
     assert stopped, output[-3000:]
     step = int(stopped[0].split()[3].rstrip(";"))
     assert (job / "checkpoints" / f"step-{step:08d}" / ".metadata").exists()
+
+    resumed = run([sys.executable, "launch/train_dt.py", *settings, f"--train.steps={step + 2}"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "data: positions saved by 2 dp rank(s), continuing on 1" in resumed.stdout
+    assert f"completed at step {step + 2}" in resumed.stdout
+    records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, step + 3))
+    assert [r["tokens_seen"] for r in train_records] == [4 * 32 * s for s in range(1, step + 3)]
 
 
 def test_a_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path):
