@@ -410,40 +410,42 @@ def _windows(batch: dict) -> np.ndarray:
     return torch.cat([batch["input"][:, :1], batch["target"]], dim=1).numpy()
 
 
-@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3), (3, 2)])
-def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards, monkeypatch, old, new):
-    """Old ranks read part of an epoch and save; new ranks deal the positions and read to the end.
+@pytest.mark.parametrize("sizes", [(2, 1), (1, 2), (2, 3), (3, 2), (2, 3, 1)])
+def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards, monkeypatch, sizes):
+    """Ranks read part of an epoch and save; the next run, on another number of ranks, deals the
+    positions and reads on (the last one to the end of the epoch; (2, 3, 1) deals a dealt remainder).
 
-    Documents are counted as the packer takes them (no prefetching, so what the state saved is
-    what was taken): together the two runs take every document of the epoch exactly once, and each
+    Documents are counted as the packer takes them (no prefetching, so what a state saved is
+    what was taken): together the runs take every document of the epoch exactly once, and each
     new rank first emits the tokens its old ranks had packed but not emitted.
     """
     files, docs = shards
-    cfg = config(paths=files, loop=False, prefetch=0)  # the saving run's plan is made again from data.paths
+    cfg = config(paths=files, loop=False, prefetch=0)  # a saving run's plan is made again from data.paths
     taken: list[tuple] = []
     real = TokenPacker._next_document
     monkeypatch.setattr(TokenPacker, "_next_document",
                         lambda self: taken.append(tuple(doc := real(self))) or doc)
-    states, emitted = {}, 0
-    for rank in range(old):
-        reader = TensorParallelBatches(cfg, 1, plan_shares(files, old, cfg), rank)
-        for batch in islice(iter(reader), 9 + 4 * rank):  # mid-document and mid-segment, unevenly
-            emitted += _windows(batch).size
-        states.update(reader.state_dict())
-    before, taken[:] = list(taken), []
-    new_plan, carried = plan_shares(files, new, cfg), 0
-    for rank in range(new):
-        reader = TensorParallelBatches(cfg, 1, new_plan, rank)
-        reader.load_state_dict(states)
-        stream = np.concatenate([_windows(batch).ravel() for batch in reader])
-        leftovers = [state_pending(states[f"dp_rank_{k}"]) for k in range(rank, old, new)]
-        leftovers = np.concatenate(leftovers) if leftovers else np.zeros(0, dtype=np.int64)
-        assert np.array_equal(stream[: len(leftovers)], leftovers), rank
-        carried += len(leftovers)
-        emitted += stream.size
-    assert carried > 0  # the old ranks stopped mid-document
+    states, emitted, carried = {}, 0, 0
+    for stage, size in enumerate(sizes):
+        last = stage == len(sizes) - 1
+        plan, saved, states = plan_shares(files, size, cfg), states, {}
+        for rank in range(size):
+            reader = TensorParallelBatches(cfg, 1, plan, rank)
+            if saved:
+                reader.load_state_dict(saved)
+            # Mid-document and mid-segment, unevenly; the last run reads to the end.
+            stream = [_windows(batch).ravel() for batch in islice(iter(reader), None if last else 9 + 4 * rank)]
+            stream = np.concatenate(stream) if stream else np.zeros(0, dtype=np.int64)
+            if saved:
+                old = len(saved)
+                leftovers = [state_pending(saved[f"dp_rank_{k}"]) for k in range(rank, old, size)]
+                leftovers = np.concatenate(leftovers) if leftovers else np.zeros(0, dtype=np.int64)
+                assert np.array_equal(stream[: len(leftovers)], leftovers), (stage, rank)
+                carried += len(leftovers)
+            emitted += stream.size
+            states.update(reader.state_dict())
+    assert carried > 0  # runs stopped mid-document
     epoch = QualityFilterTokenizer(cfg)(TextBatch(docs, Position(0))).docs
-    assert Counter(before) + Counter(taken) == Counter(map(tuple, epoch))
-    assert len(before) and len(taken)
-    # Only each new rank's final remainder (less than a window) is not emitted.
-    assert 0 <= sum(map(len, epoch)) - emitted < new * (cfg.seq_len + 1)
+    assert Counter(taken) == Counter(map(tuple, epoch))
+    # Only each last rank's final remainder (less than a window) is not emitted.
+    assert 0 <= sum(map(len, epoch)) - emitted < sizes[-1] * (cfg.seq_len + 1)
