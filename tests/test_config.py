@@ -10,7 +10,7 @@ def test_bundled_configs_load_by_bare_name():
     assert big.model.vocab_size == 151_665 and big.data.seq_len == 4096 and big.parallel.tp == 8
     assert (big.optim.lr, big.optim.min_lr, big.optim.warmup_steps) == (1e-4, 1e-5, 2000)
     assert (big.optim.weight_decay, big.optim.grad_clip, big.optim.fused) == (0.1, 1.0, True)
-    tokens = big.train.steps * big.train.micro_batch_size * big.train.grad_accum_steps * big.data.seq_len
+    tokens = big.train.steps * big.train.global_batch_size * big.data.seq_len
     assert 21.8e9 < tokens < 22.0e9
     tiny = load_config("tiny.toml")
     assert tiny.model.vocab_size == 151_665 and tiny.job.dir == "runs/tiny"
