@@ -43,7 +43,7 @@ def _comm_share(step_fn, device) -> float:
     return min(1.0, comm_us / wall_us)
 
 
-def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int, device, peak: float) -> dict:
+def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int, device) -> dict:
     cfg = load_config(config, overrides + [f"--parallel.tp={tp}", "--parallel.dp=-1"])
     layout = build_layout(cfg.parallel, device.type)
     dtype = compute_dtype(cfg, device)
@@ -75,7 +75,8 @@ def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int,
         "config": config, "tp": tp, "dp": layout.dp, "world": layout.world_size, "device": str(device.type),
         "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
         "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / layout.world_size,
-        "mfu": model.flops_per_token(cfg.data.seq_len) * tokens_per_s / (peak * layout.world_size),
+        # Against the peak of the run's compute dtype (on CPU a matmul measured once, cached).
+        "mfu": model.flops_per_token(cfg.data.seq_len) * tokens_per_s / (peak_flops(device, dtype) * layout.world_size),
         "peak_memory_gib_max_rank": memory.item(), "comm_share": share,
     }
 
@@ -89,8 +90,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows here")
     args, overrides = parser.parse_known_args()
     device = init_distributed()
-    peak = peak_flops(device)  # on CPU a measured matmul: once, so that every row uses the same peak
-    rows = [measure(args.config, overrides, tp, args.steps, args.warmup, device, peak) for tp in args.tp]
+    rows = [measure(args.config, overrides, tp, args.steps, args.warmup, device) for tp in args.tp]
     if dist.get_rank() == 0:
         print(f"{'tp':>3} {'dp':>3} {'tokens/s':>10} {'/rank':>8} {'step s':>8} {'min-max':>13} {'MFU':>6} "
               f"{'mem GiB':>8} {'comm':>5}")
