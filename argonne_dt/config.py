@@ -47,6 +47,10 @@ class ModelConfig:
         "pad q/k/v to a multiple of 8 inside attention so flash SDPA kernels accept the head size",
         default=False,
     )
+    attention_bias: bool = _doc("biases on the q, k and v projections (Qwen2 teachers; Argonne has none)",
+                                default=False)
+    tie_embeddings: bool = _doc("lm_head shares the embedding's weight (Argonne; Qwen2.5 7B and larger do not)",
+                                default=True)
 
     @property
     def ffn_dim(self) -> int:
@@ -147,6 +151,19 @@ class MetricsConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = _doc("the teacher: a local Hugging Face Llama / Qwen2 directory (safetensors) or an argonne_dt "
+                        "run or checkpoint directory; empty: no distillation", default="")
+    alpha: float = _doc("weight of the cross-entropy; 1 - alpha weighs T^2 x KL(teacher || student)", default=0.5)
+    temperature: float = _doc("softmax temperature T of both models in the KL term", default=1.0)
+    teacher_dtype: str = _doc("the teacher's weights and matmuls: bf16, fp32, or auto (bf16 where native, as "
+                              "train.dtype)", default="bf16")
+    teacher_fsdp: bool = _doc("shard the teacher's blocks over dp with FSDP2 (when it does not fit replicated; "
+                              "benchmarks/plan.py --teacher tells)", default=False)
+    chunk_tokens: int = _doc("tokens per chunk of the KL term (logits of both models, fp32)", default=1024)
+
+
+@dataclass
 class JobConfig:
     name: str = _doc("run name; defaults to the config file's stem", default="")
     dir: str = _doc("where the run writes everything; defaults to runs/<name>", default="")
@@ -161,6 +178,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     job: JobConfig = field(default_factory=JobConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -264,6 +282,28 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a bundled config ({available})")
 
 
+def _apply_file(config: Config, path: Path, seen: tuple[Path, ...]) -> None:
+    """Apply a TOML file's values; ``extends = "other.toml"`` applies that file first (a path relative
+    to this one, or a bundled name), so a config states only what differs from its base."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to a file that extends it")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    base = data.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: extends must name a config file, got {base!r}")
+        relative = path.parent / base
+        _apply_file(config, relative if relative.exists() else resolve_config_path(base), seen + (path.resolve(),))
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level key '{section}' must be a [section] (or extends = \"file.toml\")")
+        for key, value in values.items():
+            _apply(config, section, key, value, str(path))
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (bundled name or path), apply command-line overrides, validate."""
     config = Config()
@@ -271,15 +311,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         name = path.stem
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
-            for key, value in values.items():
-                _apply(config, section, key, value, str(path))
+        _apply_file(config, path, seen=())
     for dotted, value in parse_overrides(overrides or []):
         section, _, key = dotted.partition(".")
         _apply(config, section, key, value, f"override --{dotted}")
@@ -354,6 +386,12 @@ def validate(config: Config, world_size: int | None = None) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum_steps"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     _require(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0: derived), got {t.global_batch_size}")
+    k = config.distill
+    _require(0.0 <= k.alpha <= 1.0, f"distill.alpha={k.alpha} must be between 0 and 1")
+    _require(k.temperature > 0, f"distill.temperature={k.temperature} must be positive")
+    _require(k.teacher_dtype in ("bf16", "fp32", "auto"),
+             f"distill.teacher_dtype={k.teacher_dtype!r} must be bf16, fp32 or auto")
+    _require(k.chunk_tokens >= 1, f"distill.chunk_tokens must be >= 1, got {k.chunk_tokens}")
     o = config.optim
     _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")

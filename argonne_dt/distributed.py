@@ -136,11 +136,16 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The dtype matmuls run in (``train.dtype``; ``auto``: bf16 where it is native); master weights stay fp32."""
-    if cfg.train.dtype == "auto":
+def dtype_named(name: str, device: torch.device) -> torch.dtype:
+    """``bf16``, ``fp32``, or ``auto``: bf16 where it is native on ``device``, else fp32."""
+    if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
-    return DTYPES[cfg.train.dtype]
+    return DTYPES[name]
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in (``train.dtype``); master weights stay fp32."""
+    return dtype_named(cfg.train.dtype, device)
 
 
 def resolve_auto_dtype(cfg: Config, device: torch.device) -> Config:

@@ -1,7 +1,8 @@
-"""The one mapping between our parameter names and Hugging Face ``LlamaForCausalLM``'s.
+"""The one mapping between our parameter names and Hugging Face ``LlamaForCausalLM``'s (and Qwen2's).
 
 Our model is exactly a Llama with an explicit ``head_dim``, tied embeddings and no biases, so
-the mapping is a renaming: no tensor is permuted (both use the rotate-half RoPE layout).
+the mapping is a renaming: no tensor is permuted (both use the rotate-half RoPE layout). The
+same modules with q/k/v biases and an untied lm_head are a Qwen2 model: distillation teachers.
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ _LAYER_NAMES = {
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
     "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.q_proj.bias": "self_attn.q_proj.bias",
+    "attn.k_proj.bias": "self_attn.k_proj.bias",
+    "attn.v_proj.bias": "self_attn.v_proj.bias",
     "attn.o_proj.weight": "self_attn.o_proj.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "mlp.gate_proj.weight": "mlp.gate_proj.weight",
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
-_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def to_hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face Llama name (``lm_head.weight`` is the tied embedding)."""
+    """Our parameter name -> the Hugging Face Llama / Qwen2 name."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     match = _LAYER_RE.fullmatch(name)
@@ -56,9 +61,9 @@ def from_hf_name(hf_name: str) -> str:
     raise KeyError(f"Hugging Face parameter {hf_name!r} has no counterpart in ArgonneModel")
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename our state dict to Llama's; the tied lm_head is left out, as Llama checkpoints do."""
-    return {to_hf_name(k): v for k, v in state_dict.items() if k != "lm_head.weight"}
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """Rename our state dict to Llama's; a tied lm_head is left out, as Llama checkpoints do."""
+    return {to_hf_name(k): v for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
 
 
 def check_tied(embedding: torch.Tensor, lm_head: torch.Tensor, source: str = "") -> None:
@@ -68,12 +73,13 @@ def check_tied(embedding: torch.Tensor, lm_head: torch.Tensor, source: str = "")
                          "so this model cannot be represented")
 
 
-def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a Llama state dict to ours; an ``lm_head.weight`` beside the embedding must equal it (tied)."""
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """Rename a Llama state dict to ours; when ``tied``, an ``lm_head.weight`` beside the embedding must equal it."""
     embed, lm_head = hf_state_dict.get("model.embed_tokens.weight"), hf_state_dict.get("lm_head.weight")
-    if embed is not None and lm_head is not None:
+    if tied and embed is not None and lm_head is not None:
         check_tied(embed, lm_head)
-    return {from_hf_name(name): tensor for name, tensor in hf_state_dict.items() if name != "lm_head.weight"}
+    return {from_hf_name(name): tensor for name, tensor in hf_state_dict.items()
+            if not (tied and name == "lm_head.weight")}
 
 
 def llama_config(cfg: ModelConfig, torch_dtype: torch.dtype = torch.float32, bos_token_id=None, eos_token_id=None):
@@ -103,22 +109,36 @@ def llama_config(cfg: ModelConfig, torch_dtype: torch.dtype = torch.float32, bos
     )
 
 
-def model_config_from_llama(config: dict, source: str) -> ModelConfig:
-    """Our ModelConfig from a Hugging Face Llama ``config.json``; refuses what Argonne cannot represent."""
+def model_config_from_hf(config: dict, source: str, argonne_shaped: bool = True) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face Llama or Qwen2 ``config.json``; refuses what we cannot represent.
+
+    ``argonne_shaped``: also refuse biases and an untied lm_head (a model training starts from);
+    a distillation teacher may have both.
+    """
     problems = []
-    if config.get("model_type") not in ("llama", None):
-        problems.append(f"model_type={config.get('model_type')!r} (expected 'llama')")
-    if not config.get("tie_word_embeddings", False):
+    model_type = config.get("model_type")
+    if config.get("auto_map"):
+        problems.append("custom modelling code (auto_map); argonne_dt never runs trust_remote_code")
+    if model_type not in ("llama", "qwen2", None):
+        problems.append(f"model_type={model_type!r} (supported: 'llama', 'qwen2')")
+    attention_bias = model_type == "qwen2" or bool(config.get("attention_bias"))
+    tied = bool(config.get("tie_word_embeddings", False))
+    if argonne_shaped and not tied:
         problems.append("tie_word_embeddings=false (Argonne ties embedding and lm_head)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        problems.append("biases in attention or MLP")
+    if argonne_shaped and attention_bias:
+        problems.append("biases in attention")
+    if config.get("mlp_bias"):
+        problems.append("biases in the MLP")
+    if config.get("use_sliding_window"):
+        problems.append("sliding-window attention (use_sliding_window=true)")
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={config.get('hidden_act')!r} (expected 'silu')")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"rope scaling {rope} (only plain RoPE)")
     if problems:
-        raise ValueError(f"{source}: not an Argonne-shaped Llama: " + "; ".join(problems))
+        kind = "an Argonne-shaped Llama" if argonne_shaped else "a Llama or Qwen2 model argonne_dt can run"
+        raise ValueError(f"{source}: not {kind}: " + "; ".join(problems))
     heads = config["num_attention_heads"]
     return ModelConfig(
         vocab_size=config["vocab_size"],
@@ -132,6 +152,8 @@ def model_config_from_llama(config: dict, source: str) -> ModelConfig:
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
         norm_eps=config.get("rms_norm_eps", 1e-6),
         init_std=config.get("initializer_range", 0.02),
+        attention_bias=attention_bias,
+        tie_embeddings=tied,
     )
 
 
@@ -217,7 +239,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
     if not source.exists():
         raise FileNotFoundError(f"{source} not found: not a Hugging Face model directory")
     cfg = Config()
-    cfg.model = model_config_from_llama(json.loads(source.read_text()), str(source))
+    cfg.model = model_config_from_hf(json.loads(source.read_text()), str(source))
     cfg.data.tokenizer = tokenizer
     cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
     files = sorted(hf_dir.glob("*.safetensors"))

@@ -11,7 +11,11 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.utils.checkpoint import checkpoint
+
+from .distributed import full_value
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -107,3 +111,47 @@ def next_token_loss(model, batch: dict, device: torch.device) -> dict[str, torch
     every other entry is averaged and logged like it. Call it inside ``loss_context(model)``.
     """
     return {"loss": model(batch["input"].to(device), targets=batch["target"].to(device))}
+
+
+def _token_rows(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(tokens, width) rows of final hidden states, laid out to multiply ``weight``: replicated over
+    its mesh when the weight is vocab-sharded (the all-gather ColwiseParallel does for the lm_head)."""
+    if isinstance(weight, DTensor):
+        if isinstance(hidden, DTensor):
+            hidden = hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+        else:
+            hidden = DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
+    return hidden.flatten(0, 1)
+
+
+def _chunk_kl_sum(student_rows, student_weight, teacher_rows, teacher_weight, temperature: float,
+                  teacher_precision) -> torch.Tensor:
+    """Sum over the chunk's tokens of KL(p_teacher || p_student) at ``temperature``, fp32 softmax math."""
+    with torch.no_grad(), teacher_precision():
+        teacher = F.log_softmax(F.linear(teacher_rows, teacher_weight).float() / temperature, dim=-1)
+    student = F.log_softmax(F.linear(student_rows, student_weight).float() / temperature, dim=-1)
+    return full_value((teacher.exp() * (teacher - student)).sum())
+
+
+def distillation_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                    teacher_weight: torch.Tensor, temperature: float, chunk: int = 1024,
+                    teacher_precision=contextlib.nullcontext) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher || p_student), both softmaxes at ``temperature``.
+
+    The logits of both models are formed ``chunk`` tokens at a time from the final hidden states
+    and lm_head weights (vocab-sharded DTensors under tensor parallelism: the softmaxes then run
+    under ``loss_parallel``, which the caller's ``loss_context`` provides), and each chunk is
+    recomputed in backward instead of kept: no full-vocabulary logits of the micro-batch exist at
+    once. The two models must share the vocabulary (a larger teacher's is cut to the student's).
+    ``teacher_precision()`` is the autocast context of the teacher's matmuls.
+    """
+    student_rows = _token_rows(student_hidden, student_weight)
+    teacher_rows = _token_rows(teacher_hidden, teacher_weight)
+    tokens = student_rows.shape[0]
+    total = None
+    for start in range(0, tokens, chunk):
+        part = checkpoint(_chunk_kl_sum, student_rows[start : start + chunk], student_weight,
+                          teacher_rows[start : start + chunk], teacher_weight, temperature, teacher_precision,
+                          use_reentrant=False)
+        total = part if total is None else total + part
+    return total / tokens

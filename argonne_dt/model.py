@@ -117,9 +117,9 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.pad_head_dim = cfg.pad_head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
@@ -220,8 +220,10 @@ class ArgonneModel(nn.Module):
         self.vocab_sharded_logits = vocab_sharded_logits
 
     def tie_weights(self) -> None:
-        """One parameter for embedding and lm_head (call again after anything replaces either)."""
-        self.lm_head.weight = self.embed.weight
+        """One parameter for embedding and lm_head (call again after anything replaces either);
+        nothing for an untied model (``model.tie_embeddings = false``)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -234,8 +236,8 @@ class ArgonneModel(nn.Module):
         self.rope_sin.copy_(sin)
 
     def init_std(self, name: str) -> float | None:
-        """Std of the normal init of parameter ``name``; None for norm weights (ones)."""
-        if name.endswith("norm.weight"):
+        """Std of the normal init of parameter ``name``; None for norm weights (ones) and biases (zeros)."""
+        if name.endswith(("norm.weight", ".bias")):
             return None
         if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
             return self.config.init_std / math.sqrt(2 * self.config.num_layers)
@@ -257,7 +259,7 @@ class ArgonneModel(nn.Module):
             local, offset, full_shape = local_view(param) if local_view else (param, (0,) * param.ndim, param.shape)
             std = self.init_std(name)
             if std is None:
-                local.fill_(1.0)
+                local.fill_(0.0 if name.endswith(".bias") else 1.0)
             else:
                 seeded_normal_(local, std, _name_seed(seed, name), offset, full_shape)
 
@@ -268,14 +270,17 @@ class ArgonneModel(nn.Module):
         start_pos: int = 0,
         key_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        head: Callable | None = None,
+    ):
         """Logits of shape (B, T, vocab) for token ids of shape (B, T), or with ``targets`` the mean loss.
 
         With ``caches`` (one per layer) the tokens are positions ``start_pos ...`` of a sequence
         whose earlier keys and values are in the caches, which this call extends. ``key_mask``
         (B, positions so far) is False at padding that no token may attend to. With ``targets``
         and ``fused_loss_chunk`` set, the logits are never materialized in full (see
-        ``fused_linear_cross_entropy``).
+        ``fused_linear_cross_entropy``). ``head(model, hidden, targets)`` replaces the lm_head and
+        loss on the final hidden states: it runs inside ``forward``, where FSDP2 has the lm_head
+        gathered (a second objective's loss; ``lambda model, hidden, targets: hidden`` for the states).
         """
         seq = tokens.shape[1]
         cos = self.rope_cos[start_pos : start_pos + seq]
@@ -285,11 +290,18 @@ class ArgonneModel(nn.Module):
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, caches[i] if caches is not None else None, start_pos, key_mask)
         h = self.norm(h)
+        if head is not None:
+            return head(self, h, targets)
         if targets is None:
             return self.lm_head(h)
+        return self.loss_from_hidden(h, targets)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of the final hidden states, by the declared loss path."""
         if self.fused_loss_chunk:
-            return fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.fused_loss_chunk)
-        return cross_entropy_loss(self.lm_head(h), targets)
+            return fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                              self.fused_loss_chunk)
+        return cross_entropy_loss(self.lm_head(hidden), targets)
 
     def new_kv_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
         """Empty per-layer caches sized from the (possibly sharded) k projection.
@@ -319,11 +331,11 @@ class ArgonneModel(nn.Module):
         (2 forward, 4 backward) plus 12 * layers * heads * head_dim * seq_len for attention scores
         and values (the PaLM paper's accounting, as Megatron-LM and torchtitan use for MFU).
 
-        The embedding lookup costs nothing, but the tied lm_head matmul costs 2 * V * D forward,
-        so it is counted even though its weight is the embedding's.
+        The embedding lookup costs nothing, but the lm_head matmul costs 2 * V * D forward: a tied
+        model's one V x D parameter is counted once (as the lm_head), an untied model's embedding
+        not at all.
         """
         cfg = self.config
-        lm_head = cfg.vocab_size * cfg.hidden_size
-        without_embedding_lookup = self.num_parameters() - lm_head
+        embedding_lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
         attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-        return 6 * (without_embedding_lookup + lm_head) + attention
+        return 6 * (self.num_parameters() - embedding_lookup) + attention

@@ -136,8 +136,9 @@ def compile_blocks(model: ArgonneModel) -> None:
         block.mlp.compile()
 
 
-def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
-    """FSDP2 per block, then the root (embedding, final norm and the tied lm_head).
+def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype, shard_root: bool = True) -> None:
+    """FSDP2 per block, then the root (embedding, final norm and the tied lm_head) unless ``shard_root``
+    is false (a distillation teacher, whose lm_head the student's loss reads outside its forward).
 
     Parameters are gathered in ``param_dtype``; block inputs are not cast, so the residual
     stream and the rotary tables stay fp32 as under pure tensor parallelism (autocast runs the
@@ -146,7 +147,8 @@ def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtyp
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    if shard_root:
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
 def _check_sequence_length(tp: int, module, args) -> None:
@@ -158,7 +160,8 @@ def _check_sequence_length(tp: int, module, args) -> None:
         )
 
 
-def _local_view(param: torch.Tensor):
+def local_view(param: torch.Tensor):
+    """(this rank's block of ``param``, its offset in the full tensor, the full shape)."""
     if isinstance(param, DTensor):
         _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         return param.to_local(), offset, param.shape
@@ -176,7 +179,7 @@ def materialize(model: ArgonneModel, device: torch.device | str, seed: int | Non
     if seed is None:
         model.init_buffers()
     else:
-        model.init_weights(seed, _local_view)
+        model.init_weights(seed, local_view)
 
 
 def parallelize(
@@ -184,6 +187,7 @@ def parallelize(
     layout: ParallelLayout,
     param_dtype: torch.dtype = torch.float32,
     before_fsdp: Callable[[ArgonneModel], None] | None = None,
+    shard_root: bool = True,
 ) -> ArgonneModel:
     """Apply TP (+SP, vocab-parallel embedding / loss), compile, activation checkpointing and FSDP2.
 
@@ -203,23 +207,39 @@ def parallelize(
     if before_fsdp is not None:
         before_fsdp(model)
     if layout.dp_mesh is not None:
-        apply_fsdp(model, layout.dp_mesh, param_dtype)
+        apply_fsdp(model, layout.dp_mesh, param_dtype, shard_root)
     return model
 
 
 def build_model(model_config: ModelConfig, layout: ParallelLayout | None = None, device: torch.device | str = "cpu",
-                seed: int | None = None, param_dtype: torch.dtype = torch.float32) -> ArgonneModel:
+                seed: int | None = None, param_dtype: torch.dtype = torch.float32,
+                weights_dtype: torch.dtype = torch.float32, fill: Callable[[ArgonneModel], None] | None = None,
+                shard_root: bool = True) -> ArgonneModel:
     """The one way a model is made: on the meta device, parallelized, then allocated shard by shard.
 
     ``layout`` None gives a plain single-device model. ``seed`` initializes the weights (the same
-    values whatever the layout); None leaves them for a checkpoint to fill. ``device="meta"``
+    values whatever the layout); None leaves them for a checkpoint to fill, or for ``fill(model)``,
+    which runs on the allocated tensor-parallel shards before FSDP2 shards further (a weights
+    reader). ``weights_dtype`` is the parameters' storage dtype (a bf16 teacher). ``device="meta"``
     leaves the model unallocated (the memory planner counts its shards).
     """
     with torch.device("meta"):
         model = ArgonneModel(model_config)
-    allocate = None if str(device) == "meta" else partial(materialize, device=device, seed=seed)
+    if weights_dtype != torch.float32:
+        # Parameters only: the rotary tables stay fp32.
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(param.to(weights_dtype), requires_grad=param.requires_grad))
+        model.tie_weights()
+
+    def allocate(model: ArgonneModel) -> None:
+        materialize(model, device, seed)
+        if fill is not None:
+            fill(model)
+
+    allocate_here = None if str(device) == "meta" else allocate
     if layout is not None:
-        return parallelize(model, layout, param_dtype, before_fsdp=allocate)
-    if allocate is not None:
-        allocate(model)
+        return parallelize(model, layout, param_dtype, before_fsdp=allocate_here, shard_root=shard_root)
+    if allocate_here is not None:
+        allocate_here(model)
     return model

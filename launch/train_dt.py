@@ -14,17 +14,21 @@ from argonne_dt.config import ConfigError, load_config
 from argonne_dt.trainer import train
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(run=train, description: str = __doc__) -> int:
+    """Parse ``--config`` and overrides, then ``run(cfg)``; a config error exits 2 with its message."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny.toml", help="bundled config name or path to a TOML file")
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
+        if run is train and cfg.distill.teacher:
+            raise ConfigError(f"{args.config} distills from distill.teacher={cfg.distill.teacher!r}: run "
+                              "launch/distill.py with it")
+        run(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    train(cfg)
     return 0
 
 

@@ -1,0 +1,239 @@
+"""Knowledge distillation against a plain reference: a small random Qwen2 teacher (q/k/v biases,
+untied, its vocabulary padded beyond the student's), written by the tests as Hugging Face does."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from argonne_dt.config import Config, ConfigError, DistillConfig, load_config
+from argonne_dt.distill import DistillationObjective, TeacherError, load_teacher
+from argonne_dt.model import ArgonneModel
+from conftest import odd_model_config
+from distributed import run_distributed
+
+STUDENT_VOCAB, TEACHER_VOCAB, SEQ = 1001, 1024, 16
+
+
+def write_qwen2_teacher(directory, vocab_size: int = TEACHER_VOCAB, hidden: int = 64, **overrides) -> str:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6, **overrides)
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random biases: zeros would not prove they are loaded
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    return write_qwen2_teacher(tmp_path_factory.mktemp("qwen2"))
+
+
+def student_config(teacher: str, **distill) -> Config:
+    cfg = Config()
+    cfg.model = odd_model_config(vocab_size=STUDENT_VOCAB)
+    cfg.data.seq_len = SEQ
+    cfg.distill = replace(DistillConfig(teacher=teacher, teacher_dtype="fp32"), **distill)
+    return cfg
+
+
+def batch_of(rows: int, seed: int = 1) -> dict:
+    tokens = torch.randint(0, STUDENT_VOCAB, (rows, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    return {"input": tokens[:, :-1], "target": tokens[:, 1:]}
+
+
+def reference(student: ArgonneModel, teacher_dir: str, batch: dict, alpha: float, temperature: float):
+    """Full logits of both models, Hugging Face's teacher cut to the student's vocabulary, F.kl_div."""
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        teacher_logits = hf(batch["input"]).logits[..., :STUDENT_VOCAB].flatten(0, 1)
+    logits = student(batch["input"]).flatten(0, 1)
+    ce = F.cross_entropy(logits, batch["target"].flatten())
+    kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+                  log_target=True, reduction="sum") / logits.shape[0]
+    loss = alpha * ce + (1 - alpha) * temperature**2 * kl
+    loss.backward()
+    return {"loss": loss.item(), "ce": ce.item(), "kl": kl.item()}, {n: p.grad for n, p in student.named_parameters()}
+
+
+def objective_terms(student, teacher, spec: DistillConfig, batch: dict, autocast=None) -> dict:
+    from argonne_dt.loss import loss_context
+
+    objective = DistillationObjective(teacher, spec, torch.device("cpu"))
+    with autocast or contextlib.nullcontext(), loss_context(student):
+        terms = objective(student, batch, torch.device("cpu"))
+        terms["loss"].backward()
+    return {k: v.item() for k, v in terms.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_loss_and_every_student_gradient_equal_the_full_logits_reference(teacher_dir, temperature):
+    cfg = student_config(teacher_dir, alpha=0.3, temperature=temperature, chunk_tokens=7)  # chunks cut mid-row
+    student = ArgonneModel(cfg.model)
+    twin = copy.deepcopy(student)
+    expected, grads = reference(twin, teacher_dir, batch_of(3), 0.3, temperature)
+    terms = objective_terms(student, load_teacher(cfg, None, torch.device("cpu")), cfg.distill, batch_of(3))
+    for key in ("loss", "ce", "kl"):
+        assert abs(terms[key] - expected[key]) <= 1e-5 * max(1.0, abs(expected[key])), key
+    assert expected["kl"] > 0.01
+    for name, param in student.named_parameters():
+        assert _rel(param.grad, grads[name]) < 1e-5, name
+
+
+def test_the_teacher_is_hugging_face_qwen2_cut_to_the_student_vocabulary(teacher_dir):
+    from transformers import Qwen2ForCausalLM
+
+    teacher = load_teacher(student_config(teacher_dir), None, torch.device("cpu"))
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert teacher.lm_head.weight is not teacher.embed.weight and teacher.layers[0].attn.q_proj.bias is not None
+    hf = Qwen2ForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+    tokens = batch_of(2)["input"]
+    with torch.no_grad():
+        assert _rel(teacher(tokens), hf(tokens).logits[..., :STUDENT_VOCAB]) < 2e-5
+
+
+def test_alpha_one_is_exactly_the_pretraining_loss_and_gradients(teacher_dir):
+    cfg = student_config(teacher_dir, alpha=1.0, teacher_dtype="bf16")
+    student = ArgonneModel(cfg.model)
+    plain = copy.deepcopy(student)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)  # the default path: bf16 autocast, the fused loss
+    terms = objective_terms(student, load_teacher(cfg, None, torch.device("cpu")), cfg.distill, batch_of(2), bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = plain(batch_of(2)["input"], targets=batch_of(2)["target"])
+    loss.backward()
+    assert terms["loss"] == terms["ce"] == loss.item() and terms["kl"] > 0
+    plain_grads = dict(plain.named_parameters())
+    assert all(torch.equal(p.grad, plain_grads[n].grad) for n, p in student.named_parameters())
+
+
+def test_a_teacher_equal_to_the_student_gives_kl_zero(tmp_path):
+    from argonne_dt.checkpoint import write_model_checkpoint
+
+    cfg = student_config("")
+    student = ArgonneModel(cfg.model)
+    cfg.distill.teacher = str(write_model_checkpoint(student, cfg, tmp_path / "same"))
+    terms = objective_terms(student, load_teacher(cfg, None, torch.device("cpu")), cfg.distill, batch_of(2))
+    assert abs(terms["kl"]) < 1e-6 and terms["ce"] > 1.0
+
+
+def _refusal(directory, cfg: Config) -> str:
+    with pytest.raises(TeacherError) as err:
+        load_teacher(cfg, None, torch.device("cpu"))
+    return str(err.value)
+
+
+def test_teachers_that_cannot_teach_are_refused_with_the_reason(tmp_path, teacher_dir):
+    small = write_qwen2_teacher(tmp_path / "small", vocab_size=900)
+    assert "vocab_size=900 does not cover the student's 1001 token ids" in _refusal(small, student_config(small))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((Path(teacher_dir) / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    message = _refusal(pickled, student_config(str(pickled)))
+    assert "no *.safetensors weights (pytorch_model.bin are pickle files, which are never loaded" in message
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe",
+                                                    "auto_map": {"AutoModel": "modeling.Model"}}))
+    message = _refusal(remote, student_config(str(remote)))
+    assert "custom modelling code (auto_map); argonne_dt never runs trust_remote_code" in message
+    assert "model_type='qwen3_moe' (supported: 'llama', 'qwen2')" in message
+
+
+def test_a_teacher_tokenizer_that_maps_ids_otherwise_is_refused(tmp_path):
+    from argonne_dt.tokenizer import load_tokenizer
+
+    cfg = student_config("")
+    cfg.model = replace(cfg.model, vocab_size=151_665)
+    ours = load_tokenizer("qwen2.5")
+    same = write_qwen2_teacher(tmp_path / "same", vocab_size=152_064, hidden=16)
+    ours.save_pretrained(same)
+    load_teacher(replace(cfg, distill=replace(cfg.distill, teacher=same)), None, torch.device("cpu"))
+
+    other = write_qwen2_teacher(tmp_path / "other", vocab_size=152_064, hidden=16)
+    ours.save_pretrained(other)
+    tokenizer = json.loads((tmp_path / "other" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    swapped = {v: k for k, v in vocab.items()}
+    vocab[swapped[997]], vocab[swapped[1994]] = 1994, 997  # two tokens trade ids
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    message = _refusal(other, replace(cfg, distill=replace(cfg.distill, teacher=other)))
+    assert "the teacher's tokenizer maps ids differently from the student's" in message
+    assert f"id 997: {swapped[997]!r} here, {swapped[1994]!r} there" in message
+
+
+def test_distill_tiny_is_tiny_plus_a_teacher_and_bad_values_are_named():
+    distill, tiny = load_config("distill-tiny.toml"), load_config("tiny.toml")
+    assert distill.distill.teacher == "runs/tiny" and tiny.distill.teacher == ""
+    for section in ("model", "parallel", "data", "optim", "train", "checkpoint", "metrics"):
+        assert getattr(distill, section) == getattr(tiny, section), section
+    assert load_config("distill-4b9.toml").train == load_config("4b9.toml").train
+    with pytest.raises(ConfigError, match=r"distill.alpha=1.5 must be between 0 and 1"):
+        load_config("distill-tiny.toml", ["--distill.alpha=1.5"])
+
+
+# Tensor parallel and data parallel (FSDP2, the teacher replicated or sharded) against one device.
+
+def _parallel_cases(teacher: str) -> dict:
+    import torch.distributed as dist
+
+    from argonne_dt.config import ParallelConfig
+    from argonne_dt.distributed import build_layout, full_value
+    from argonne_dt.parallelize import build_model
+    from argonne_dt.step import accumulate_gradients
+
+    results = {}
+    cases = {"tp2": (dict(tp=2), False), "dp2": (dict(tp=1), False), "dp2_teacher_fsdp": (dict(tp=1), True)}
+    for name, (parallel, teacher_fsdp) in cases.items():
+        cfg = student_config(teacher, alpha=0.4, temperature=2.0, chunk_tokens=5, teacher_fsdp=teacher_fsdp)
+        cfg.parallel = ParallelConfig(**parallel)
+        layout = build_layout(cfg.parallel, "cpu")
+        student = build_model(cfg.model, layout, "cpu", seed=4)
+        teacher_model = load_teacher(cfg, layout, torch.device("cpu"))
+        full = batch_of(4, seed=5)
+        local = {k: v.chunk(layout.dp)[layout.dp_rank] for k, v in full.items()}
+        objective = DistillationObjective(teacher_model, cfg.distill, torch.device("cpu"))
+        terms = accumulate_gradients(student, [local], torch.device("cpu"), contextlib.nullcontext(), objective)
+        sums = torch.stack([terms[k] for k in ("loss", "ce", "kl")])
+        dist.all_reduce(sums)
+        one = build_model(cfg.model, None, "cpu", seed=4)
+        expected, grads = reference(one, teacher, full, 0.4, 2.0)
+        results[name] = {
+            "terms": (sums / dist.get_world_size()).tolist(), "expected": [expected[k] for k in ("loss", "ce", "kl")],
+            "grad_errors": {n.replace("_checkpoint_wrapped_module.", ""): _rel(full_value(p.grad), grads[n])
+                            for n, p in student.named_parameters()},
+        }
+    return results
+
+
+@pytest.mark.distributed
+def test_tp2_and_dp2_distillation_equal_one_device(teacher_dir):
+    per_rank = run_distributed(_parallel_cases, 2, teacher_dir, timeout_s=300)
+    for name, result in per_rank[0].items():
+        for got, expected in zip(result["terms"], result["expected"]):
+            assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected)), (name, got, expected)
+        worst = max(result["grad_errors"].items(), key=lambda item: item[1])
+        assert worst[1] < 1e-4, (name, worst)
