@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from .checkpoint import ModelOptimizerState, load_checkpoint, resolve_checkpoint, stored_config
 from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig
-from .distributed import ParallelLayout, dtype_named, layout_of
+from .distributed import ParallelLayout, dtype_named, full_value, layout_of
 from .hf import from_hf_name, model_config_from_hf, to_hf_name
 from .loss import distillation_kl
 from .model import ArgonneModel
@@ -75,8 +75,8 @@ class DistillationObjective:
                 kl = kl_of()
             loss = ce
         else:
-            kl = kl_of()
-            loss = spec.alpha * ce + (1.0 - spec.alpha) * spec.temperature**2 * kl
+            kl = kl_of()  # a plain tensor: the CE (a DTensor under loss_parallel) joins it as one
+            loss = spec.alpha * full_value(ce) + (1.0 - spec.alpha) * spec.temperature**2 * kl
         return {"loss": loss, "ce": ce.detach(), "kl": kl.detach()}
 
 

@@ -124,12 +124,20 @@ def _token_rows(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden.flatten(0, 1)
 
 
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim, vocab-sharded or not, by DTensor reductions (max, sum). Under
+    ``loss_parallel`` the built-in one has a backward only for what ``nll_loss`` sends it, not for
+    a dense gradient such as the KL's."""
+    shifted = logits - logits.detach().amax(dim=-1, keepdim=True)
+    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+
+
 def _chunk_kl_sum(student_rows, student_weight, teacher_rows, teacher_weight, temperature: float,
                   teacher_precision) -> torch.Tensor:
     """Sum over the chunk's tokens of KL(p_teacher || p_student) at ``temperature``, fp32 softmax math."""
     with torch.no_grad(), teacher_precision():
-        teacher = F.log_softmax(F.linear(teacher_rows, teacher_weight).float() / temperature, dim=-1)
-    student = F.log_softmax(F.linear(student_rows, student_weight).float() / temperature, dim=-1)
+        teacher = _log_softmax(F.linear(teacher_rows, teacher_weight).float() / temperature)
+    student = _log_softmax(F.linear(student_rows, student_weight).float() / temperature)
     return full_value((teacher.exp() * (teacher - student)).sum())
 
 
