@@ -18,6 +18,7 @@ from argonne_dt.distill import DistillationObjective, TeacherError, load_teacher
 from argonne_dt.model import ArgonneModel
 from conftest import odd_model_config
 from distributed import run_distributed
+from test_trainer import corpus, make_config  # noqa: F401 - corpus is a fixture
 
 STUDENT_VOCAB, TEACHER_VOCAB, SEQ = 1001, 1024, 16
 
@@ -237,3 +238,73 @@ def test_tp2_and_dp2_distillation_equal_one_device(teacher_dir):
             assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected)), (name, got, expected)
         worst = max(result["grad_errors"].items(), key=lambda item: item[1])
         assert worst[1] < 1e-5, (name, worst)
+
+
+# The distillation run: the pretraining trainer with the distillation objective (TP 2, gloo).
+
+def _distill_jobs(tmp: str, corpus_dir: str, teacher: str) -> dict:
+    from argonne_dt import distill as distilling
+    from argonne_dt.distributed import full_value
+    from argonne_dt.trainer import train
+    from test_trainer import _sigterm_at
+
+    loaded, real_load = [], distilling.load_teacher
+
+    def recording_load(cfg, layout, device):
+        model = real_load(cfg, layout, device)
+        loaded.append((model, {n: full_value(p).clone() for n, p in model.named_parameters()}))
+        return model
+
+    distilling.load_teacher = recording_load
+    settings = {"parallel.tp": 2, "distill.teacher": teacher, "distill.teacher_dtype": "fp32",
+                "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.chunk_tokens": 24}
+    try:
+        out = {"full": distilling.distill(make_config(f"{tmp}/full", corpus_dir, **settings)),
+               "first": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings), on_step=_sigterm_at(3)),
+               "second": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings)),
+               "alpha_one": distilling.distill(make_config(f"{tmp}/alpha_one", corpus_dir, **{
+                   **settings, "distill.alpha": 1.0, "train.steps": 3})),
+               "pretraining": train(make_config(f"{tmp}/pretraining", corpus_dir, **{"parallel.tp": 2, "train.steps": 3}))}
+    finally:
+        distilling.load_teacher = real_load
+    out["teacher_unchanged"] = all(torch.equal(full_value(p), before[n]) for model, before in loaded
+                                   for n, p in model.named_parameters())
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_teacher(tmp_path_factory) -> str:
+    """A Qwen2 teacher of the real vocabulary (152,064 rows, padded) with Qwen2.5's tokenizer files."""
+    from argonne_dt.tokenizer import load_tokenizer
+
+    directory = write_qwen2_teacher(tmp_path_factory.mktemp("qwen2_vocab"), vocab_size=152_064, hidden=32)
+    load_tokenizer("qwen2.5").save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.distributed
+@pytest.mark.e2e
+def test_distillation_trains_resumes_exactly_and_keeps_the_teacher_out_of_checkpoints(tmp_path, corpus, trainer_teacher):
+    import torch.distributed.checkpoint as dcp
+
+    from argonne_dt.checkpoint import complete_checkpoints
+
+    tmp = str(tmp_path)
+    results = run_distributed(_distill_jobs, 2, tmp, corpus, trainer_teacher, timeout_s=600)
+    full, first, second = (results[0][k] for k in ("full", "first", "second"))
+    assert first["status"] == "preempted" and first["step"] == 3 and second["status"] == "completed"
+    assert {**first["losses"], **second["losses"]} == full["losses"]  # bit for bit
+    assert results[0]["alpha_one"]["losses"] == results[0]["pretraining"]["losses"]
+    assert all(r["teacher_unchanged"] for r in results)
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert all(r["kl"] > 0 and r["ce"] > 0 for r in train_records)
+    assert all(abs(r["loss"] - (0.5 * r["ce"] + 0.5 * 4.0 * r["kl"])) < 1e-4 * r["loss"] for r in train_records)
+    # The checkpoint holds the student alone: its parameters (no biases, tied) and optimizer state.
+    newest = complete_checkpoints(tmp_path / "full" / "checkpoints")[-1]
+    keys = dcp.FileSystemReader(str(newest)).read_metadata().state_dict_metadata
+    model_keys = sorted(k.removeprefix("train.model.") for k in keys if k.startswith("train.model."))
+    with torch.device("meta"):
+        student_names = set(ArgonneModel(make_config("unused", corpus).model).state_dict())
+    assert set(model_keys) <= student_names and {"embed.weight", "layers.1.mlp.up_proj.weight"} <= set(model_keys)
+    assert not any("bias" in k for k in keys)

@@ -19,7 +19,7 @@ def run(args, **kwargs):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def test_torchrun_tiny_trains_and_plots(tmp_path):
+def test_torchrun_tiny_trains_plots_and_teaches_a_student(tmp_path):
     job = tmp_path / "tiny"
     done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "launch/train_dt.py", "--config", "tiny.toml", "--train.steps=4", "--metrics.log_every=2",
@@ -33,6 +33,18 @@ def test_torchrun_tiny_trains_and_plots(tmp_path):
     png = job / "loss_vs_tokens.png"
     assert plotted.stdout.strip() == f"wrote {png}"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The trained run teaches a fresh student (launch/distill.py, the same TP 2 machinery).
+    student = tmp_path / "student"
+    distilled = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                     "launch/distill.py", "--config", "distill-tiny.toml", f"--distill.teacher={job}",
+                     "--train.steps=2", "--metrics.log_every=1", "--data.seq_len=32", "--train.micro_batch_size=2",
+                     f"--job.dir={student}"])
+    assert distilled.returncode == 0, distilled.stdout[-3000:] + distilled.stderr[-3000:]
+    records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["kl"] > 0 and r["ce"] > 0 for r in records)
+    refused = run([sys.executable, "launch/train_dt.py", "--config", "distill-tiny.toml"])
+    assert refused.returncode == 2 and "run launch/distill.py with it" in refused.stderr
 
 
 def test_bad_override_exits_with_a_message():
