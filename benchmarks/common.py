@@ -1,6 +1,8 @@
-"""What the benchmark scripts share: random token batches and the JSON output."""
+"""What the benchmark scripts share: random token batches, peak memory of a step, the JSON output."""
 
+import ctypes
 import json
+import threading
 
 import torch
 
@@ -22,3 +24,36 @@ def emit_json(data, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(data, f, indent=2, default=str)
+
+
+_PAGE = 4096
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRss:
+    """Peak resident memory above the starting level, sampled every millisecond during a block."""
+
+    def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.delta = self.peak - self.start

@@ -12,53 +12,18 @@ heap is returned to the OS first with malloc_trim, so the order of the two does 
 """
 
 import argparse
-import ctypes
 import statistics
-import threading
 import time
 
 import torch
 
-from common import emit_json, random_micro_batches
+from common import PeakRss, emit_json, random_micro_batches
 
 from argonne_dt.config import load_config
 from argonne_dt.hf import llama_config, to_hf_state_dict
 from argonne_dt.optim import build_optimizer
 from argonne_dt.parallelize import build_model, compile_blocks
 from argonne_dt.step import train_step
-
-_PAGE = 4096
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class PeakRss:
-    """Peak resident memory above the starting level, sampled every millisecond during a block."""
-
-    def __enter__(self):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.delta = self.peak - self.start
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
