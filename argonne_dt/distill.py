@@ -26,9 +26,9 @@ from safetensors import safe_open
 
 from .checkpoint import ModelOptimizerState, load_checkpoint, resolve_checkpoint, stored_config
 from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig
-from .distributed import ParallelLayout, dtype_named, full_value, layout_of
+from .distributed import ParallelLayout, dtype_named, layout_of
 from .hf import from_hf_name, model_config_from_hf, to_hf_name
-from .loss import distillation_kl
+from .loss import distillation_loss
 from .model import ArgonneModel
 from .parallelize import build_model, local_view
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
@@ -46,11 +46,10 @@ def _final_hidden(model, hidden, targets):
 class DistillationObjective:
     """The objective ``Trainer`` minimizes when distilling: ``{"loss", "ce", "kl"}`` of a micro-batch.
 
-    The cross-entropy is the student's own loss path (fused at TP 1, vocab-parallel under TP), so
-    with ``alpha = 1`` loss and gradients are exactly pretraining's (the KL is then only logged).
-    The KL runs in chunks of tokens (``distillation_kl``) inside the student's forward, where
-    FSDP2 has its lm_head gathered; the teacher's root (embedding, norm, lm_head) is never
-    FSDP-sharded, so its lm_head is at hand too.
+    CE and KL come from the same chunks of both models' logits (``distillation_loss``), inside the
+    student's forward, where FSDP2 has its lm_head gathered; the teacher's root (embedding, norm,
+    lm_head) is never FSDP-sharded, so its lm_head is at hand too. With ``alpha = 1`` the loss is
+    the student's own loss path, so loss and gradients are exactly pretraining's (the KL is logged).
     """
 
     def __init__(self, teacher: ArgonneModel, spec: DistillConfig, device: torch.device):
@@ -67,17 +66,15 @@ class DistillationObjective:
 
     def _loss(self, student, hidden, targets, teacher_hidden) -> dict[str, torch.Tensor]:
         spec = self.spec
-        ce = student.loss_from_hidden(hidden, targets)
-        kl_of = partial(distillation_kl, hidden, student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
-                        spec.temperature, spec.chunk_tokens, self.teacher_precision)
-        if spec.alpha == 1.0:
+        distill = partial(distillation_loss, hidden, student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
+                          targets, spec.alpha, spec.temperature, spec.chunk_tokens, self.teacher_precision)
+        if spec.alpha == 1.0:  # pretraining's loss path exactly; the KL only logged
+            ce = student.loss_from_hidden(hidden, targets)
             with torch.no_grad():
-                kl = kl_of()
-            loss = ce
-        else:
-            kl = kl_of()  # a plain tensor: the CE (a DTensor under loss_parallel) joins it as one
-            loss = spec.alpha * full_value(ce) + (1.0 - spec.alpha) * spec.temperature**2 * kl
-        return {"loss": loss, "ce": ce.detach(), "kl": kl.detach()}
+                _, _, kl = distill()
+            return {"loss": ce, "ce": ce.detach(), "kl": kl}
+        loss, ce, kl = distill()
+        return {"loss": loss, "ce": ce, "kl": kl}
 
 
 def check_teacher_tokenizer(teacher_dir: Path, data: DataConfig, vocab_size: int) -> None:

@@ -11,9 +11,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
-from torch.utils.checkpoint import checkpoint
 
 from .distributed import full_value
 
@@ -124,42 +125,123 @@ def _token_rows(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden.flatten(0, 1)
 
 
+def _vocab_ids(weight: torch.Tensor) -> torch.Tensor:
+    """The vocabulary ids of ``weight``'s rows, laid out like its rows (the one-hot of the targets)."""
+    if not isinstance(weight, DTensor):
+        return torch.arange(weight.shape[0], device=weight.device)
+    local_shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    ids = torch.arange(offset[0], offset[0] + local_shape[0], device=weight.device)
+    return DTensor.from_local(ids, weight.device_mesh, [Shard(0)], run_check=False, shape=weight.shape[:1],
+                              stride=(1,))
+
+
+def _like_rows(targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(weight, DTensor):
+        return DTensor.from_local(targets, weight.device_mesh, [Replicate()], run_check=False)
+    return targets
+
+
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax over the last dim, vocab-sharded or not, by DTensor reductions (max, sum). Under
     ``loss_parallel`` the built-in one has a backward only for what ``nll_loss`` sends it, not for
     a dense gradient such as the KL's."""
-    shifted = logits - logits.detach().amax(dim=-1, keepdim=True)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
     return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
 
 
-def _chunk_kl_sum(student_rows, student_weight, teacher_rows, teacher_weight, temperature: float,
-                  teacher_precision) -> torch.Tensor:
-    """Sum over the chunk's tokens of KL(p_teacher || p_student) at ``temperature``, fp32 softmax math."""
-    with torch.no_grad(), teacher_precision():
-        teacher = _log_softmax(F.linear(teacher_rows, teacher_weight).float() / temperature)
-    student = _log_softmax(F.linear(student_rows, student_weight).float() / temperature)
-    return full_value((teacher.exp() * (teacher - student)).sum())
+def _distillation_chunks(student_rows, student_weight, teacher_rows, teacher_weight, targets, alpha: float,
+                         temperature: float, chunk: int, teacher_precision, want_grads: bool):
+    """Summed CE and KL over all tokens and, with ``want_grads``, the gradients of the loss
+    ``alpha * CE + (1 - alpha) * T^2 * KL`` (means over tokens) for the student's rows and weight.
+
+    Per chunk: both models' logits (the matmuls in the compute dtype, then fp32); the student's
+    log-softmax at T = 1 (CE) and at T, the teacher's at T; d(loss)/d(logits) = alpha (p - onehot)
+    + (1 - alpha) T (p_T - q_T), in fp32, cast to the compute dtype for the two gradient matmuls;
+    grad_weight summed over chunks in fp32. Vocab-sharded DTensors give sharded logits, and the
+    reductions over the vocabulary are DTensor reductions.
+    """
+    device = student_rows.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else student_weight.dtype
+    tokens = student_rows.shape[0]
+    w = student_weight.to(compute)
+    w_for_grad = w.t().contiguous().t() if want_grads and device == "cpu" else w  # see _chunked_loss
+    vocab, targets = _vocab_ids(student_weight), _like_rows(targets, student_weight)
+    ce_sum = kl_sum = torch.zeros((), dtype=torch.float32, device=student_rows.device)
+    grad_rows, grad_weight = [], None
+    for start in range(0, tokens, chunk):
+        with teacher_precision():
+            teacher = F.linear(teacher_rows[start : start + chunk], teacher_weight).float()
+        with torch.autocast(device, enabled=False):
+            h = student_rows[start : start + chunk].to(compute)
+            logits = (h @ w.t()).float()
+            teacher = _log_softmax(teacher / temperature)
+            log_p = _log_softmax(logits)
+            onehot = vocab[None, :] == targets[start : start + chunk, None]
+            ce_sum = ce_sum + full_value(-(log_p * onehot).sum())
+            log_p_t = log_p if temperature == 1.0 else _log_softmax(logits / temperature)
+            del logits
+            q = teacher.exp()
+            kl_sum = kl_sum + full_value((q * (teacher - log_p_t)).sum())
+            del teacher
+            if not want_grads:
+                continue
+            # d(loss)/d(logits) = alpha (p - onehot) + (1 - alpha) T (p_T - q), built in place.
+            d_logits = log_p_t.exp().sub_(q).mul_((1.0 - alpha) * temperature)
+            del q, log_p_t
+            d_logits.add_(log_p.exp(), alpha=alpha).sub_(onehot.to(d_logits.dtype), alpha=alpha)
+            del log_p
+            d_logits = d_logits.div_(tokens).to(compute)
+            part = d_logits @ w_for_grad
+            grad_rows.append(part.redistribute(placements=[Replicate()]) if isinstance(part, DTensor) else part)
+            part = (d_logits.t() @ h).float()
+            grad_weight = part if grad_weight is None else grad_weight + part
+    return ce_sum, kl_sum, (torch.cat(grad_rows) if want_grads else None), grad_weight
 
 
-def distillation_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                    teacher_weight: torch.Tensor, temperature: float, chunk: int = 1024,
-                    teacher_precision=contextlib.nullcontext) -> torch.Tensor:
-    """Mean over tokens of KL(p_teacher || p_student), both softmaxes at ``temperature``.
+class _FusedDistillation(torch.autograd.Function):
+    """The forward pass forms the gradients too: the chunk's logits of both models live only inside
+    the loop and nothing is recomputed; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, student_rows, student_weight, teacher_rows, teacher_weight, targets, alpha, temperature, chunk,
+                teacher_precision):
+        ce_sum, kl_sum, grad_rows, grad_weight = _distillation_chunks(
+            student_rows, student_weight, teacher_rows, teacher_weight, targets, alpha, temperature, chunk,
+            teacher_precision, want_grads=True)
+        ctx.save_for_backward(grad_rows.to(student_rows.dtype), grad_weight.to(student_weight.dtype))
+        tokens = student_rows.shape[0]
+        ce, kl = ce_sum / tokens, kl_sum / tokens
+        ctx.mark_non_differentiable(ce, kl)
+        return alpha * ce + (1.0 - alpha) * temperature**2 * kl, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce, grad_kl):
+        grad_rows, grad_weight = ctx.saved_tensors
+        with implicit_replication():  # the incoming gradient is a plain scalar; the saved ones may be DTensors
+            return grad_rows * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None, None
+
+
+def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                      teacher_weight: torch.Tensor, targets: torch.Tensor, alpha: float, temperature: float,
+                      chunk: int = 1024, teacher_precision=contextlib.nullcontext):
+    """(loss, CE, KL): ``alpha * CE + (1 - alpha) * T^2 * KL(p_teacher || p_student)``, each a mean over
+    tokens, both KL distributions at ``temperature``.
 
     The logits of both models are formed ``chunk`` tokens at a time from the final hidden states
-    and lm_head weights (vocab-sharded DTensors under tensor parallelism: the softmaxes then run
-    under ``loss_parallel``, which the caller's ``loss_context`` provides), and each chunk is
-    recomputed in backward instead of kept: no full-vocabulary logits of the micro-batch exist at
-    once. The two models must share the vocabulary (a larger teacher's is cut to the student's).
-    ``teacher_precision()`` is the autocast context of the teacher's matmuls.
+    and lm_head weights (vocab-sharded DTensors under tensor parallelism), and the forward pass
+    also forms the student's gradients: no full-vocabulary logits of the micro-batch exist at
+    once, and no logits are recomputed. The two models must share the vocabulary (a larger
+    teacher's is cut to the student's). ``teacher_precision()`` is the autocast context of the
+    teacher's matmuls. Without grad mode nothing but the values is computed.
     """
     student_rows = _token_rows(student_hidden, student_weight)
     teacher_rows = _token_rows(teacher_hidden, teacher_weight)
+    targets = targets.flatten()
+    if torch.is_grad_enabled() and (student_rows.requires_grad or student_weight.requires_grad):
+        return _FusedDistillation.apply(student_rows, student_weight, teacher_rows, teacher_weight, targets, alpha,
+                                        temperature, chunk, teacher_precision)
+    ce_sum, kl_sum, _, _ = _distillation_chunks(student_rows, student_weight, teacher_rows, teacher_weight, targets,
+                                                alpha, temperature, chunk, teacher_precision, want_grads=False)
     tokens = student_rows.shape[0]
-    total = None
-    for start in range(0, tokens, chunk):
-        part = checkpoint(_chunk_kl_sum, student_rows[start : start + chunk], student_weight,
-                          teacher_rows[start : start + chunk], teacher_weight, temperature, teacher_precision,
-                          use_reentrant=False)
-        total = part if total is None else total + part
-    return total / tokens
+    ce, kl = ce_sum / tokens, kl_sum / tokens
+    return alpha * ce + (1.0 - alpha) * temperature**2 * kl, ce, kl

@@ -62,8 +62,8 @@ def teacher_model(name: str, student: ModelConfig) -> ModelConfig:
 def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp: int, dp: int, batch: int, seq: int,
                   shard_over_dp: bool, chunk: int = 1024) -> dict:
     """Per-GPU bytes a bf16 teacher adds to a step: its weights (counted from its meta-device shards),
-    one block's forward working set (no gradients), its final hidden states kept for the KL, and the
-    KL's chunk of both models' fp32 logits with the student's replicated hidden states."""
+    one block's forward working set (no gradients), its final hidden states kept for the loss, and
+    the loss's chunk of both models' fp32 logits with the student's replicated hidden states."""
     model = teacher_model(name, student)
     try:
         check_tp_divides(model, tp)
@@ -75,13 +75,14 @@ def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp:
     seq_shard = tp if parallel.sequence_parallel and tp > 1 else 1
     block = bt * (4 * d / seq_shard + 2 * d + 2 * (2 * d + 2 * kv) / tp + 6 * f / tp)
     kept = 2 * bt * d + 2 * 4 * bt * student.hidden_size  # teacher states (bf16); student's and their gradient
-    kl = 6 * chunk * math.ceil(student.vocab_size / tp) * 4
+    kl = 8 * chunk * math.ceil(student.vocab_size / tp) * 4  # both models' logits, log-softmaxes, the gradient
     forward_flops = 2 * (build_model(model, device="meta").num_parameters() - model.vocab_size * d) \
         + 4 * model.num_layers * model.num_heads * model.head_dim * seq
     return {"runs": True, "local_parameters": params, "weights": 2 * params, "activations": block + kept,
             "kl_chunks": kl, "total": 2 * params + block + kept + kl,
-            # Teacher forward, plus the KL chunks' lm_head recomputed in backward (student and teacher).
-            "flops_per_token": forward_flops + 4 * student.vocab_size * (student.hidden_size + d)}
+            # The teacher's forward, its lm_head included; the student's logits and their two gradient
+            # matmuls replace pretraining's fused loss one for one.
+            "flops_per_token": forward_flops}
 
 
 def closed_form_parameters(m, tp: int, dp: int) -> int:
