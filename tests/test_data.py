@@ -1,5 +1,6 @@
 import logging
 import random
+import weakref
 from collections import Counter
 from itertools import islice
 
@@ -421,10 +422,19 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     """
     files, docs = shards
     cfg = config(paths=files, loop=False, prefetch=0)  # a saving run's plan is made again from data.paths
+    # Only this test's packers count: an earlier test's prefetching thread may still pull from its own.
     taken: list[tuple] = []
-    real = TokenPacker._next_document
-    monkeypatch.setattr(TokenPacker, "_next_document",
-                        lambda self: taken.append(tuple(doc := real(self))) or doc)
+    ours = weakref.WeakSet()
+    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
+    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args: (ours.add(self), real_init(self, *args))[1])
+
+    def recording(self):
+        doc = real_next(self)
+        if self in ours:
+            taken.append(tuple(doc))
+        return doc
+
+    monkeypatch.setattr(TokenPacker, "_next_document", recording)
     states, emitted, carried = {}, 0, 0
     for stage, size in enumerate(sizes):
         last = stage == len(sizes) - 1
