@@ -189,4 +189,5 @@ def distill(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> 
     trainer = Trainer(cfg)
     teacher = load_teacher(cfg, trainer.layout, trainer.device)
     trainer.objective = DistillationObjective(teacher, cfg.distill, trainer.device)
+    trainer.flops_per_token += teacher.flops_per_token(cfg.data.seq_len) / 3  # its forward: a third of fwd + bwd
     return trainer.run(on_step)

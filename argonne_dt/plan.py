@@ -76,8 +76,7 @@ def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp:
     block = bt * (4 * d / seq_shard + 2 * d + 2 * (2 * d + 2 * kv) / tp + 6 * f / tp)
     kept = 2 * bt * d + 2 * 4 * bt * student.hidden_size  # teacher states (bf16); student's and their gradient
     kl = 8 * chunk * math.ceil(student.vocab_size / tp) * 4  # both models' logits, log-softmaxes, the gradient
-    forward_flops = 2 * (build_model(model, device="meta").num_parameters() - model.vocab_size * d) \
-        + 4 * model.num_layers * model.num_heads * model.head_dim * seq
+    forward_flops = build_model(model, device="meta").flops_per_token(seq) / 3  # forward: a third of fwd + bwd
     return {"runs": True, "local_parameters": params, "weights": 2 * params, "activations": block + kept,
             "kl_chunks": kl, "total": 2 * params + block + kept + kl,
             # The teacher's forward, its lm_head included; the student's logits and their two gradient
