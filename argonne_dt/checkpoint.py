@@ -258,7 +258,10 @@ class Checkpointer:
         extras = load_checkpoint(path, self.model_state, self.process_group, with_extras=True)
         for name, stateful in self.states.items():
             prefix = name + "."
-            stateful.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)})
+            try:
+                stateful.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)})
+            except (RuntimeError, ValueError) as err:  # e.g. a data position that no longer fits data.paths
+                raise CheckpointError(f"{path}: cannot restore its {name} state: {err}") from err
 
 
 def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=None,

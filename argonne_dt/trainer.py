@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
-from .config import Config, grad_accum_steps, validate
+from .config import Config, ConfigError, grad_accum_steps, validate
 from .data import batches_for, data_files, shared_plan
 from .distributed import any_rank, build_layout, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype
 from .evaluation import Evaluator
@@ -261,5 +261,9 @@ class Trainer:
 
 
 def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None, objective: Objective = next_token_loss) -> dict:
-    """Run (or resume) the job described by ``cfg``; see ``Trainer.run``."""
+    """Run (or resume) the job described by ``cfg``; see ``Trainer.run``. A config with a teacher is a
+    distillation job (``distill.distill``), not started as pretraining by mistake."""
+    if cfg.distill.teacher:
+        raise ConfigError(f"distill.teacher={cfg.distill.teacher!r} makes this a distillation job: run "
+                          "launch/distill.py with it")
     return Trainer(cfg, objective).run(on_step)

@@ -21,11 +21,7 @@ def main(run=train, description: str = __doc__) -> int:
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, overrides)
-        if run is train and cfg.distill.teacher:
-            raise ConfigError(f"{args.config} distills from distill.teacher={cfg.distill.teacher!r}: run "
-                              "launch/distill.py with it")
-        run(cfg)
+        run(load_config(args.config, overrides))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

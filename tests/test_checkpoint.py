@@ -116,3 +116,21 @@ def test_rng_states_of_ranks_that_are_gone_are_dropped_and_new_ranks_seed_from_t
         RngState(3, 4, torch.device("cpu"), seed=1, step=lambda step=step: step).load_state_dict(two_of_four)
         draws.append(torch.rand(3))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_a_state_that_cannot_be_restored_names_the_checkpoint_and_the_state(tmp_path):
+    from argonne_dt.checkpoint import Checkpointer
+    from argonne_dt.trainer import Progress
+
+    class Refusing(Progress):
+        def load_state_dict(self, entries):
+            raise RuntimeError("the data position points elsewhere")
+
+    cfg = _config()
+    model = ArgonneModel(cfg.model)
+    saved = Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False,
+                         model_state=ModelOptimizerState(model, None), states={"data": Progress(step=1)}).save(1, cfg.to_dict())
+    restoring = Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False,
+                             model_state=ModelOptimizerState(ArgonneModel(cfg.model), None), states={"data": Refusing()})
+    with pytest.raises(CheckpointError, match=r"step-00000001: cannot restore its data state: the data position points"):
+        restoring.restore(saved)
