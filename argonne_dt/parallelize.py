@@ -9,6 +9,7 @@ boundaries.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -28,7 +29,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .config import ConfigError, ModelConfig, check_tp_divides
+from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides
 from .distributed import ParallelLayout
 from .model import ArgonneModel
 
@@ -136,17 +137,34 @@ def compile_blocks(model: ArgonneModel) -> None:
         block.mlp.compile()
 
 
-def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype, shard_root: bool = True) -> None:
+def reshard_after_forward(parallel: ParallelConfig, world_size: int) -> bool:
+    """``parallel.fsdp_reshard_after_forward`` resolved for a world of ``world_size`` ranks.
+
+    auto: free each block's gathered weights after its forward (and all-gather them again in
+    backward) while every dp group lies within one node, where the all-gather is cheap; keep them
+    to backward when dp spans nodes, saving one inter-node all-gather per block and micro-batch for
+    one tp shard of the model in the gather dtype. A node is torchrun's ``LOCAL_WORLD_SIZE`` ranks
+    (the same on every node, so every rank decides alike).
+    """
+    if parallel.fsdp_reshard_after_forward != "auto":
+        return parallel.fsdp_reshard_after_forward == "true"
+    return world_size <= int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def apply_fsdp(model: ArgonneModel, dp_mesh: DeviceMesh, param_dtype: torch.dtype, shard_root: bool = True,
+               reshard_blocks: bool = True) -> None:
     """FSDP2 per block, then the root (embedding, final norm and the tied lm_head) unless ``shard_root``
     is false (a distillation teacher, whose lm_head the student's loss reads outside its forward).
 
     Parameters are gathered in ``param_dtype``; block inputs are not cast, so the residual
     stream and the rotary tables stay fp32 as under pure tensor parallelism (autocast runs the
-    matmuls in bf16 either way).
+    matmuls in bf16 either way). ``reshard_blocks``: blocks free their gathered weights after
+    forward (see ``reshard_after_forward``), also when each is its own FSDP root (no sharded root
+    above them): FSDP2 keeps a root gathered by default.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_blocks)
     if shard_root:
         fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
@@ -207,7 +225,9 @@ def parallelize(
     if before_fsdp is not None:
         before_fsdp(model)
     if layout.dp_mesh is not None:
-        apply_fsdp(model, layout.dp_mesh, param_dtype, shard_root)
+        # A teacher (no sharded root) runs no backward: nothing to keep its weights gathered for.
+        reshard = reshard_after_forward(layout.parallel, layout.world_size) if shard_root else True
+        apply_fsdp(model, layout.dp_mesh, param_dtype, shard_root, reshard)
     return model
 
 
