@@ -98,8 +98,11 @@ class DataConfig:
                              default=3)
     retry_backoff_s: float = _doc("wait before the first retry; doubled for each next one", default=1.0)
     eval_paths: list[str] = _doc("held-out parquet files / dirs / globs for validation; empty: the sample "
-                                 "corpus's held-out split when data.paths is empty too, else none",
-                                 default_factory=list)
+                                 "corpus's held-out split when data.paths is empty too, else data.eval_split "
+                                 "of data.paths", default_factory=list)
+    eval_split: float = _doc("held out of data.paths when data.eval_paths is empty (never trained on): a fraction "
+                             "of the rows (< 1, spread evenly over the row groups), or a whole number N >= 1 of "
+                             "whole files (the last N); 0: none", default=0.005)
 
 
 @dataclass
@@ -376,10 +379,12 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(d.read_retries >= 0, f"data.read_retries must be >= 0, got {d.read_retries}")
     _require(d.retry_backoff_s >= 0, f"data.retry_backoff_s must be >= 0, got {d.retry_backoff_s}")
     _require(d.num_workers >= 1, f"data.num_workers must be >= 1, got {d.num_workers}")
+    _require(d.eval_split >= 0 and (d.eval_split < 1 or d.eval_split.is_integer()),
+             f"data.eval_split={d.eval_split} must be a fraction of the rows (0 <= x < 1) or a whole number of files")
     _require(
-        config.train.eval_every == 0 or bool(d.eval_paths) or not d.paths,
-        f"train.eval_every={config.train.eval_every} needs data.eval_paths (held-out parquet files; only "
-        "the bundled sample corpus, data.paths empty, brings its own)",
+        config.train.eval_every == 0 or bool(d.eval_paths) or not d.paths or d.eval_split > 0,
+        f"train.eval_every={config.train.eval_every} needs held-out data: data.eval_paths (parquet files), or "
+        "data.eval_split > 0 (a part of data.paths held out)",
     )
     t = config.train
     _require(t.dtype in ("bf16", "fp32", "auto"), f"train.dtype={t.dtype!r} must be bf16, fp32 or auto")

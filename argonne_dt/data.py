@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
+import math
 import os
 import re
 import time
@@ -163,7 +164,8 @@ class Position:
         share = self.carryover if self.carryover is not None else plan_share
         if self.key is not None and (self.segment >= len(share) or share[self.segment] != self.key):
             raise DataError(f"the data position points into {self.key.describe()}, but data.paths now lists other "
-                            "files there: keep data.paths as it was to resume, or start the data afresh")
+                            "files there: keep data.paths (and data.eval_split) as it was to resume, or start the "
+                            "data afresh")
         if self.segment >= len(share):
             return []
         current = share[self.segment]
@@ -244,13 +246,47 @@ def reshard_positions(states: list[dict], old_plan: SharePlan, dp_size: int) -> 
     return resumptions
 
 
-def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths") -> SharePlan:
+def held_out_split(cfg: DataConfig) -> float:
+    """The part of ``data.paths`` held out for validation (``data.eval_split``; 0 when data.eval_paths
+    or the sample corpus provide the held-out data)."""
+    return cfg.eval_split if cfg.paths and not cfg.eval_paths else 0.0
+
+
+def split_rows(segments: list[Segment], files: list[str], split: float) -> tuple[list[Segment], list[Segment]]:
+    """(training, held-out) parts of ``segments``: ``split`` < 1 holds out that fraction of the rows, the
+    last rows of each row group in proportion (rounded down over the running total, so spread evenly
+    through the corpus); a whole number holds out the last ``split`` files. It depends on the files'
+    rows only, never on the number of dp ranks: every run and every resume cuts the same rows."""
+    if split >= 1:
+        held_files = set(files[-int(split):])
+        return ([s for s in segments if s.file not in held_files], [s for s in segments if s.file in held_files])
+    training, held, offset = [], [], 0
+    for segment in segments:
+        rows = segment.stop - segment.start
+        held_rows = math.floor(split * (offset + rows) + 1e-9) - math.floor(split * offset + 1e-9)
+        cut = segment.stop - held_rows
+        if cut > segment.start:
+            training.append(replace(segment, stop=cut))
+        if held_rows:
+            held.append(replace(segment, start=cut))
+        offset += rows
+    return training, held
+
+
+def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths",
+                held_out: bool = False) -> SharePlan:
     """Read the files' row counts (parquet footers only) and cut them into ``dp_size`` shares.
 
-    A layout that cannot give every rank a row fails here, at start-up, naming the data.
+    The rows of ``held_out_split(cfg)`` are left out of the shares, or with ``held_out`` they are
+    the only ones dealt. A layout that cannot give every rank a row fails here, at start-up,
+    naming the data.
     """
     if not files:
         raise DataError(f"{source}: no parquet files to read")
+    split = held_out_split(cfg)
+    if split >= 1 and split >= len(files):
+        raise DataError(f"data.eval_split={split:g} holds out {int(split)} whole file(s), but {source} has "
+                        f"{len(files)}: lower it, or give data.eval_paths")
     row_groups: list[tuple[str, int, int]] = []
     unreadable: list[str] = []
     for path in files:
@@ -264,14 +300,21 @@ def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "
         if cfg.text_column not in names:
             raise DataError(f"{path}: no column {cfg.text_column!r} (columns: {', '.join(names)}); set data.text_column")
         row_groups += [(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
-    total = sum(rows for _, _, rows in row_groups)
+    segments = [Segment(path, group, 0, rows) for path, group, rows in row_groups]
+    if split:
+        training, held = split_rows(segments, files, split)
+        segments = held if held_out else training
+        if held_out:
+            source = f"data.eval_split={split:g} of {source}"
+    elif held_out:
+        raise DataError(f"{source}: no held-out split (data.eval_split is 0, or data.eval_paths is set)")
+    total = sum(segment.stop - segment.start for segment in segments)
     if total < dp_size:
         raise DataError(
             f"{source}: {total} readable rows in {len(files)} file(s) cannot give each of {dp_size} data-parallel "
-            "ranks a share: add data or use fewer dp ranks"
+            "ranks a share: add data or use fewer dp ranks" + (", or raise data.eval_split" if held_out else "")
         )
-    return SharePlan(deal_rows([Segment(path, group, 0, rows) for path, group, rows in row_groups], dp_size),
-                     tuple(unreadable))
+    return SharePlan(deal_rows(segments, dp_size), tuple(unreadable))
 
 
 def deal_rows(segments: list[Segment], parts: int) -> tuple[tuple[Segment, ...], ...]:
@@ -300,15 +343,16 @@ def _read_metadata(path: str):
             source.close()
 
 
-def shared_plan(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths") -> SharePlan:
+def shared_plan(files: list[str], dp_size: int, cfg: DataConfig, source: str = "data.paths",
+                held_out: bool = False) -> SharePlan:
     """``plan_shares`` computed once, on global rank 0, and received by every rank (one plan for all;
     a bad layout fails on every rank with the same message)."""
     if not dist.is_initialized():
-        return plan_shares(files, dp_size, cfg, source)
+        return plan_shares(files, dp_size, cfg, source, held_out)
     outcome: list = [None]
     if dist.get_rank() == 0:
         try:
-            outcome[0] = ("plan", plan_shares(files, dp_size, cfg, source))
+            outcome[0] = ("plan", plan_shares(files, dp_size, cfg, source, held_out))
         except DataError as err:
             outcome[0] = ("error", str(err))
     dist.broadcast_object_list(outcome, src=0)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .config import Config, DataConfig
 from .checkpoint import load_model
-from .data import batches_for, data_files, shared_plan
+from .data import batches_for, data_files, held_out_split, shared_plan
 from .distributed import ParallelLayout, compute_dtype, full_value, mixed_precision
 from .loss import loss_context, next_token_loss
 from .metrics import ProgressReporter
@@ -52,16 +52,23 @@ class Evaluator:
     """
 
     def __init__(self, data_cfg: DataConfig, micro_batch_size: int, max_batches: int, device: torch.device,
-                 autocast, layout: ParallelLayout | None = None, source: str = "data.eval_paths"):
+                 autocast, layout: ParallelLayout | None = None, source: str = "data.eval_paths",
+                 held_out: bool = False):
+        """``held_out``: the ``data.eval_split`` rows of ``data_cfg.paths`` (see ``data.split_rows``)."""
         self.data_cfg = replace(data_cfg, loop=max_batches > 0)
         self.micro_batch_size, self.max_batches = micro_batch_size, max_batches
         self.device, self.autocast, self.layout, self.source = device, autocast, layout, source
         dp = layout.dp if layout is not None else 1
-        self.plan = shared_plan(data_files(data_cfg.paths, held_out=True), dp, self.data_cfg, source)
+        self.plan = shared_plan(data_files(data_cfg.paths, held_out=True), dp, self.data_cfg, source, held_out)
 
     @classmethod
-    def for_run(cls, cfg: Config, device: torch.device, autocast, layout: ParallelLayout) -> Evaluator:
-        """The validation ``train.eval_every`` asks for: ``data.eval_paths`` (or the sample corpus's held-out split)."""
+    def for_run(cls, cfg: Config, device: torch.device, autocast, layout: ParallelLayout | None) -> Evaluator:
+        """The validation ``train.eval_every`` asks for: ``data.eval_paths`` (or the sample corpus's held-out split).
+
+        With ``data.paths`` and no ``data.eval_paths``: the ``data.eval_split`` rows held out of data.paths."""
+        if held_out_split(cfg.data):
+            return cls(cfg.data, cfg.train.micro_batch_size, cfg.train.eval_batches, device, autocast, layout,
+                       source="data.paths", held_out=True)
         return cls(replace(cfg.data, paths=cfg.data.eval_paths), cfg.train.micro_batch_size, cfg.train.eval_batches,
                    device, autocast, layout, source=f"data.eval_paths={cfg.data.eval_paths}")
 
@@ -70,12 +77,18 @@ class Evaluator:
         return evaluate(model, batches, self.device, self.autocast, self.max_batches, self.source, progress)
 
 
-def evaluate_checkpoint(checkpoint: str, data_paths: list[str], max_batches: int = 0,
+def evaluate_checkpoint(checkpoint: str, data_paths: list[str] | None = None, max_batches: int = 0,
                         micro_batch_size: int | None = None) -> dict:
-    """Validation loss and perplexity of a checkpoint on held-out parquet data (one process)."""
+    """Validation loss and perplexity of a checkpoint on held-out parquet data (one process); without
+    ``data_paths``, on its run's held-out data (as ``train.eval_every`` evaluates it)."""
     device = torch.device("cpu")
     model, cfg = load_model(checkpoint, device=device)
-    evaluator = Evaluator(replace(cfg.data, paths=data_paths), micro_batch_size or cfg.train.micro_batch_size,
-                          max_batches, device, mixed_precision(compute_dtype(cfg, device), device),
-                          source=str(data_paths))
+    autocast = mixed_precision(compute_dtype(cfg, device), device)
+    cfg.train.eval_batches = max_batches
+    cfg.train.micro_batch_size = micro_batch_size or cfg.train.micro_batch_size
+    if data_paths:  # all of their rows (none held out of them)
+        evaluator = Evaluator(replace(cfg.data, paths=data_paths, eval_split=0.0), cfg.train.micro_batch_size,
+                              max_batches, device, autocast, source=str(data_paths))
+    else:
+        evaluator = Evaluator.for_run(cfg, device, autocast, layout=None)
     return evaluator(model, ProgressReporter(max_batches or None, f"evaluating {checkpoint}", "batches"))
