@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .config import Config, config_from_dict
@@ -165,12 +166,16 @@ class Checkpointer:
     """
 
     def __init__(self, root: str | Path, keep_last: int, async_save: bool, model_state: ModelOptimizerState,
-                 states: dict[str, CheckpointState], process_group=None):
+                 states: dict[str, CheckpointState], process_group=None, write_threads: int = 1):
         self.root = Path(root)
         self.model_state, self.states = model_state, states
         self.keep_last = keep_last
         self.async_save = async_save
         self.process_group = process_group
+        self.write_threads = write_threads
+        # One stager for the run: its host buffers (pinned on GPUs) are allocated at the first save
+        # and reused by every later one; close() frees them.
+        self._stager = DefaultStager(staging_options()) if async_save else None
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._pending: tuple[Future, Path, Path] | None = None
         if self.rank == 0:
@@ -211,11 +216,14 @@ class Checkpointer:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if dist.is_initialized():
             dist.barrier()
+        writer = dcp.FileSystemWriter(str(tmp), thread_count=self.write_threads)
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            # Returns once the state is copied to host memory; the files are written in the background.
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.process_group,
+                                    async_stager=self._stager)
             self._pending = (future, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            dcp.save(state, storage_writer=writer, process_group=self.process_group)
             self._publish(tmp, final)
         return final
 
@@ -245,6 +253,15 @@ class Checkpointer:
             dist.barrier()
         self._publish(tmp, final)
 
+    def close(self) -> None:
+        """Finish a pending save and free the stager's host buffers (the end of a run)."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
     def _publish(self, tmp: Path, final: Path) -> None:
         if self.rank == 0:
             tmp.rename(final)
@@ -262,6 +279,15 @@ class Checkpointer:
                 stateful.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)})
             except (RuntimeError, ValueError) as err:  # e.g. a data position that no longer fits data.paths
                 raise CheckpointError(f"{path}: cannot restore its {name} state: {err}") from err
+
+
+def staging_options() -> StagingOptions:
+    """How an asynchronous save copies the state to host memory: on GPUs into pinned buffers with
+    non-blocking copies (several times faster than pageable ones). The copy finishes before the save
+    returns (no background staging), so the next optimizer step cannot change a tensor mid-copy."""
+    cuda = torch.cuda.is_available()
+    return StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                          use_non_blocking_copy=cuda)
 
 
 def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=None,

@@ -71,6 +71,13 @@ class ParallelConfig:
         default=0,
     )
     compile: bool = _doc("torch.compile each block", default=False)
+    fsdp_reshard_after_forward: str = _doc(
+        "FSDP2 frees gathered block weights after forward (true: all-gather again in backward, less memory) or "
+        "keeps them to backward (false: one all-gather per micro-batch, more memory); auto: true while dp stays "
+        "within one node, false when dp spans nodes", default="auto")
+    timeout_minutes: float = _doc("how long a rank waits in a collective before the run fails (the process "
+                                  "group's timeout; rank 0 alone plans the data and makes the first batch)",
+                                  default=30.0)
 
 
 @dataclass
@@ -138,7 +145,9 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = _doc("save every N steps (and at the end); 0 saves only at the end", default=500)
     keep_last: int = _doc("newest complete checkpoints kept; 0 keeps all", default=3)
-    async_save: bool = _doc("write checkpoints in the background with dcp.async_save", default=False)
+    async_save: bool = _doc("write checkpoints in the background with dcp.async_save (the step waits only for "
+                            "the copy to host memory, pinned on GPUs)", default=False)
+    write_threads: int = _doc("threads writing each rank's checkpoint files", default=4)
     initial_load_path: str = _doc("checkpoint to start from when the run has none of its own", default="")
 
 
@@ -370,6 +379,16 @@ def validate(config: Config, world_size: int | None = None) -> None:
         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
     )
     if p.sequence_parallel and p.tp > 1:
+    _require(
+        not (p.compile and p.activation_checkpoint == "selective" and p.ac_every == 0),
+        "parallel.activation_checkpoint=selective with parallel.ac_every=0 cannot be combined with "
+        "parallel.compile=true: the op-level policy does not see the matmuls inside a compiled block, so it "
+        "would recompute everything; use activation_checkpoint=full, selective with ac_every=N (every N-th "
+        "block), or compile=false",
+    )
+    _require(p.fsdp_reshard_after_forward in ("auto", "true", "false"),
+             f"parallel.fsdp_reshard_after_forward={p.fsdp_reshard_after_forward!r} must be auto, true or false")
+    _require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
         _require(
             d.seq_len % p.tp == 0,
             f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} with "
@@ -393,6 +412,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0: derived), got {t.global_batch_size}")
     k = config.distill
     _require(0.0 <= k.alpha <= 1.0, f"distill.alpha={k.alpha} must be between 0 and 1")
+    _require(config.checkpoint.write_threads >= 1,
+             f"checkpoint.write_threads must be >= 1, got {config.checkpoint.write_threads}")
     _require(k.temperature > 0, f"distill.temperature={k.temperature} must be positive")
     _require(k.teacher_dtype in ("bf16", "fp32", "auto"),
              f"distill.teacher_dtype={k.teacher_dtype!r} must be bf16, fp32 or auto")

@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,22 +23,47 @@ from .config import Config, ParallelConfig, data_parallel_size
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def init_distributed() -> torch.device:
-    """Join the torchrun process group (or make a group of one); cuda + nccl when GPUs exist."""
-    use_cuda = torch.cuda.is_available()
+# Rank 0 alone reads every parquet footer and makes the first batch while its peers wait in a
+# collective: the default 10 minutes of NCCL can run out on a large corpus.
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def cuda_environment_defaults() -> None:
+    """Environment defaults for CUDA runs, left alone where the user set them: the caching allocator
+    grows segments instead of fragmenting (read when CUDA first allocates, so set before that)."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def local_device() -> torch.device:
+    """This process's GPU (``cuda:LOCAL_RANK``, made the current device) when there is one, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    cuda_environment_defaults()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> torch.device:
+    """Join the torchrun process group (or make a group of one); cuda + nccl when GPUs exist.
+
+    The GPU is chosen before the group starts and passed as ``device_id``: NCCL then binds each
+    rank to its own GPU at once instead of guessing from the rank. ``timeout_minutes`` bounds every
+    wait in a collective (``parallel.timeout_minutes``).
+    """
+    device = local_device()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python launch/...`: a world of one
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if not use_cuda:
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
     return device
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from .config import Config, DataConfig
 from .checkpoint import load_model
 from .data import batches_for, data_files, held_out_split, shared_plan
-from .distributed import ParallelLayout, compute_dtype, full_value, mixed_precision
+from .distributed import ParallelLayout, compute_dtype, full_value, local_device, mixed_precision
 from .loss import loss_context, next_token_loss
 from .metrics import ProgressReporter
 
@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str, data_paths: list[str] | None = None, ma
                         micro_batch_size: int | None = None) -> dict:
     """Validation loss and perplexity of a checkpoint on held-out parquet data (one process); without
     ``data_paths``, on its run's held-out data (as ``train.eval_every`` evaluates it)."""
-    device = torch.device("cpu")
+    device = local_device()
     model, cfg = load_model(checkpoint, device=device)
     autocast = mixed_precision(compute_dtype(cfg, device), device)
     cfg.train.eval_batches = max_batches

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import DataConfig, ParallelConfig
-from .distributed import build_layout, full_value, init_distributed
+from .distributed import build_layout, dtype_named, full_value, init_distributed, local_device, mixed_precision
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
@@ -83,10 +83,12 @@ def generate(
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({cfg.max_new_tokens}) exceeds model.max_seq_len={model.config.max_seq_len}")
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
-    key_mask = torch.zeros((batch, total), dtype=torch.bool, device=device)
+    real = torch.zeros((batch, total), dtype=torch.bool, device=device)  # False at left padding
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
-        key_mask[row, longest - len(prompt) :] = True
+        real[row, longest - len(prompt) :] = True
+    # Any mask keeps SDPA off the flash kernel: attention gets one only when some row is padded.
+    key_mask = real if any(len(p) < longest for p in prompts) else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     caches = None if recompute else model.new_kv_caches(batch, total)
@@ -95,13 +97,14 @@ def generate(
     while position < total and not finished.all():
         if recompute:
             length = position + (-position % pad_multiple)
-            logits = model(tokens[:, :length], key_mask=key_mask[:, :length])
+            logits = model(tokens[:, :length], key_mask=None if key_mask is None else key_mask[:, :length])
             last = full_value(logits[:, position - 1]).float()
         else:
-            logits = model(tokens[:, start:position], caches, start, key_mask=key_mask[:, :position])
+            logits = model(tokens[:, start:position], caches, start,
+                           key_mask=None if key_mask is None else key_mask[:, :position])
             last = full_value(logits[:, -1]).float()
             start = position
-        last = apply_repetition_penalty(last, tokens[:, :position], key_mask[:, :position], cfg.repetition_penalty)
+        last = apply_repetition_penalty(last, tokens[:, :position], real[:, :position], cfg.repetition_penalty)
         chosen = sample_next(last, cfg, generator)
         chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
         tokens[:, position] = chosen
@@ -162,14 +165,18 @@ def generate_from_checkpoint(
 ) -> list[str]:
     """Load a checkpoint (any TP degree it was saved with) and continue ``prompts``; returns the texts.
 
-    Run plainly it uses one process; under torchrun the model is tensor parallel over all ranks
-    (without sequence parallelism, so that decoding one token at a time works) and every rank
-    samples the same tokens from the same gathered logits.
+    Run plainly it uses one process, on this machine's GPU when it has one; under torchrun the model
+    is tensor parallel over all ranks (without sequence parallelism, so that decoding one token at a
+    time works) and every rank samples the same tokens from the same gathered logits. Where bf16 is
+    native (GPUs) the matmuls run under bf16 autocast and the KV cache is bf16.
     """
-    layout, device = None, torch.device("cpu")
+    layout = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = init_distributed()
         layout = build_layout(ParallelConfig(tp=int(os.environ["WORLD_SIZE"]), dp=1, sequence_parallel=False,
                                              loss_parallel=False), device.type)
+    else:
+        device = local_device()
     model, run_cfg = load_model(checkpoint, device, layout)
-    return generate_text(model, run_cfg.data, prompts, cfg, stream=stream)
+    with mixed_precision(dtype_named("auto", device), device):
+        return generate_text(model, run_cfg.data, prompts, cfg, stream=stream)

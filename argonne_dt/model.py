@@ -88,7 +88,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class KVCache:
-    """Keys and values of past positions for one attention layer, shape (B, kv_heads, max_len, head_dim)."""
+    """Keys and values of past positions for one attention layer, shape (B, kv_heads, max_len, head_dim)
+    (head_dim padded to a multiple of 8 with ``model.pad_head_dim``)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -137,14 +138,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.pad_head_dim:
+            # The memory-efficient and cuDNN kernels want head_dim % 8 == 0 (flash pads by itself);
+            # zero padding leaves q.k and the used part of the output unchanged, and the scale stays
+            # that of the true head_dim. Padded before the cache, so the cache holds the padded
+            # width and a decoded token pads only itself.
+            q, k, v = (_pad_last_dim(t, 8) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         mask = attention_mask(seq, k.shape[2], start_pos, key_mask, x.device)
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.pad_head_dim:
-            # Flash kernels need head_dim % 8 == 0; zero padding leaves q.k and the used part of
-            # the output unchanged, and the scale stays that of the true head_dim.
-            q, k, v = (_pad_last_dim(t, 8) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=scale, enable_gqa=True
         )
@@ -314,12 +317,11 @@ class ArgonneModel(nn.Module):
             dtype = torch.get_autocast_dtype(device.type)
         caches = []
         for block in self.layers:
+        head_dim = self.config.head_dim
+        width = head_dim + (-head_dim % 8 if self.config.pad_head_dim else 0)  # what attention pads to
             weight = block.attn.k_proj.weight
             local_rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
-            caches.append(
-                KVCache.empty(batch, local_rows // self.config.head_dim, max_len, self.config.head_dim,
-                              dtype or weight.dtype, device)
-            )
+            caches.append(KVCache.empty(batch, local_rows // head_dim, max_len, width, dtype or weight.dtype, device))
         return caches
 
     def num_parameters(self) -> int:

@@ -82,7 +82,7 @@ class Trainer:
     """Everything a run is made of, built once and resumed from the run's newest checkpoint."""
 
     def __init__(self, cfg: Config, objective: Objective = next_token_loss):
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.parallel.timeout_minutes)
         validate(cfg, world_size=dist.get_world_size())
         self.cfg = cfg = resolve_auto_dtype(cfg, self.device)
         self.layout = layout = build_layout(cfg.parallel, self.device.type)
@@ -107,7 +107,7 @@ class Trainer:
             ModelOptimizerState(self.model, self.optimizer),
             {"progress": self.progress, "data": self.data,
              "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)},
-            checkpoint_group)
+            checkpoint_group, cfg.checkpoint.write_threads)
         self._resume()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, start_step=self.progress.step)
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
@@ -250,7 +250,7 @@ class Trainer:
                     status = "preempted"
                     break
             self.save()
-            self.checkpointer.wait()
+            self.checkpointer.close()  # the last save written, the staging buffers freed
         finally:
             signals.restore()
             self.metrics.close()
