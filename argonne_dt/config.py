@@ -372,13 +372,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
         f"parallel.activation_checkpoint={p.activation_checkpoint!r} must be none, full or selective",
     )
     _require(p.ac_every >= 0, f"parallel.ac_every must be >= 0, got {p.ac_every}")
-    d = config.data
-    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
-    _require(
-        d.seq_len <= m.max_seq_len,
-        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
-    )
-    if p.sequence_parallel and p.tp > 1:
     _require(
         not (p.compile and p.activation_checkpoint == "selective" and p.ac_every == 0),
         "parallel.activation_checkpoint=selective with parallel.ac_every=0 cannot be combined with "
@@ -389,6 +382,13 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(p.fsdp_reshard_after_forward in ("auto", "true", "false"),
              f"parallel.fsdp_reshard_after_forward={p.fsdp_reshard_after_forward!r} must be auto, true or false")
     _require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
+    d = config.data
+    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+    )
+    if p.sequence_parallel and p.tp > 1:
         _require(
             d.seq_len % p.tp == 0,
             f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} with "
@@ -405,6 +405,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
         f"train.eval_every={config.train.eval_every} needs held-out data: data.eval_paths (parquet files), or "
         "data.eval_split > 0 (a part of data.paths held out)",
     )
+    _require(config.checkpoint.write_threads >= 1,
+             f"checkpoint.write_threads must be >= 1, got {config.checkpoint.write_threads}")
     t = config.train
     _require(t.dtype in ("bf16", "fp32", "auto"), f"train.dtype={t.dtype!r} must be bf16, fp32 or auto")
     for key in ("steps", "micro_batch_size", "grad_accum_steps"):
@@ -412,8 +414,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0: derived), got {t.global_batch_size}")
     k = config.distill
     _require(0.0 <= k.alpha <= 1.0, f"distill.alpha={k.alpha} must be between 0 and 1")
-    _require(config.checkpoint.write_threads >= 1,
-             f"checkpoint.write_threads must be >= 1, got {config.checkpoint.write_threads}")
     _require(k.temperature > 0, f"distill.temperature={k.temperature} must be positive")
     _require(k.teacher_dtype in ("bf16", "fp32", "auto"),
              f"distill.teacher_dtype={k.teacher_dtype!r} must be bf16, fp32 or auto")

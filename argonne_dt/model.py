@@ -315,10 +315,10 @@ class ArgonneModel(nn.Module):
         device = self.rope_cos.device
         if dtype is None and torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        caches = []
-        for block in self.layers:
         head_dim = self.config.head_dim
         width = head_dim + (-head_dim % 8 if self.config.pad_head_dim else 0)  # what attention pads to
+        caches = []
+        for block in self.layers:
             weight = block.attn.k_proj.weight
             local_rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
             caches.append(KVCache.empty(batch, local_rows // head_dim, max_len, width, dtype or weight.dtype, device))
