@@ -67,7 +67,7 @@ class DistillationObjective:
     def _loss(self, student, hidden, targets, teacher_hidden) -> dict[str, torch.Tensor]:
         spec = self.spec
         distill = partial(distillation_loss, hidden, student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
-                          targets, spec.alpha, spec.temperature, spec.chunk_tokens, self.teacher_precision)
+                          targets, spec.alpha, spec.temperature, student.fused_loss_chunk, self.teacher_precision)
         if spec.alpha == 1.0:  # pretraining's loss path exactly; the KL only logged
             ce = student.loss_from_hidden(hidden, targets)
             with torch.no_grad():

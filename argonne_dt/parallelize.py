@@ -94,8 +94,9 @@ def apply_tensor_parallel(model: ArgonneModel, tp_mesh: DeviceMesh, sequence_par
     # parallelize_module gave embed and lm_head a DTensor each; both are Shard(0) over the vocab,
     # so one parameter serves both again.
     model.tie_weights()
-    # The vocabulary is sharded: the loss goes through the logits (and loss_parallel when they stay sharded).
-    model.use_loss_path(fused_chunk=0, vocab_sharded_logits=vocab_parallel_loss)
+    # The vocabulary is sharded: the fused loss becomes vocab-parallel (its chunk unchanged); the
+    # full-logits loss (chunk 0) runs under loss_parallel when the logits stay sharded.
+    model.use_loss_path(vocab_sharded_logits=vocab_parallel_loss)
 
 
 # Outputs worth keeping in selective (op-level) checkpointing: the expensive matmuls and

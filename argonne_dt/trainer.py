@@ -95,6 +95,7 @@ class Trainer:
         self.autocast = mixed_precision(dtype, self.device)
         self.evaluator = Evaluator.for_run(cfg, self.device, self.autocast, layout) if cfg.train.eval_every else None
         self.model = build_model(cfg.model, layout, self.device, cfg.train.seed, dtype)
+        self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.objective = objective
         self.data = batches_for(cfg.data, cfg.train.micro_batch_size, plan, layout)

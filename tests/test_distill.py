@@ -44,10 +44,12 @@ def teacher_dir(tmp_path_factory) -> str:
     return write_qwen2_teacher(tmp_path_factory.mktemp("qwen2"))
 
 
-def student_config(teacher: str, **distill) -> Config:
+def student_config(teacher: str, chunk_tokens: int = 1024, **distill) -> Config:
+    """``chunk_tokens``: the loss's chunk (``train.loss_chunk_tokens``, which the trainer gives the student)."""
     cfg = Config()
     cfg.model = odd_model_config(vocab_size=STUDENT_VOCAB)
     cfg.data.seq_len = SEQ
+    cfg.train.loss_chunk_tokens = chunk_tokens
     cfg.distill = replace(DistillConfig(teacher=teacher, teacher_dtype="fp32"), **distill)
     return cfg
 
@@ -91,6 +93,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_loss_and_every_student_gradient_equal_the_full_logits_reference(teacher_dir, temperature):
     cfg = student_config(teacher_dir, alpha=0.3, temperature=temperature, chunk_tokens=7)  # chunks cut mid-row
     student = ArgonneModel(cfg.model)
+    student.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
     twin = copy.deepcopy(student)
     expected, grads = reference(twin, teacher_dir, batch_of(3), 0.3, temperature)
     terms = objective_terms(student, load_teacher(cfg, None, torch.device("cpu")), cfg.distill, batch_of(3))
@@ -213,6 +216,7 @@ def _parallel_cases(teacher: str) -> dict:
         cfg.parallel = ParallelConfig(**parallel)
         layout = build_layout(cfg.parallel, "cpu")
         student = build_model(cfg.model, layout, "cpu", seed=4)
+        student.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         teacher_model = load_teacher(cfg, layout, torch.device("cpu"))
         full = batch_of(4, seed=5)
         local = {k: v.chunk(layout.dp)[layout.dp_rank] for k, v in full.items()}
@@ -257,7 +261,7 @@ def _distill_jobs(tmp: str, corpus_dir: str, teacher: str) -> dict:
 
     distilling.load_teacher = recording_load
     settings = {"parallel.tp": 2, "distill.teacher": teacher, "distill.teacher_dtype": "fp32",
-                "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.chunk_tokens": 24}
+                "distill.alpha": 0.5, "distill.temperature": 2.0, "train.loss_chunk_tokens": 24}
     try:
         out = {"full": distilling.distill(make_config(f"{tmp}/full", corpus_dir, **settings)),
                "first": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings), on_step=_sigterm_at(3)),
