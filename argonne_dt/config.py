@@ -139,6 +139,9 @@ class TrainConfig:
     max_nonfinite_steps: int = _doc("consecutive non-finite steps tolerated before stopping", default=5)
     eval_every: int = _doc("validation every N steps (needs data.eval_paths); 0 disables", default=0)
     eval_batches: int = _doc("validation batches per evaluation; 0 means the whole held-out set", default=20)
+    loss_chunk_tokens: int = _doc("tokens per chunk of the fused lm_head + loss (pretraining at any parallel.tp, "
+                                  "and distillation): its fp32 logits exist one chunk at a time; 0: full logits, "
+                                  "then cross-entropy (loss_parallel under tp; not for distillation)", default=1024)
 
 
 @dataclass
@@ -172,7 +175,6 @@ class DistillConfig:
                               "train.dtype)", default="bf16")
     teacher_fsdp: bool = _doc("shard the teacher's blocks over dp with FSDP2 (when it does not fit replicated; "
                               "benchmarks/plan.py --teacher tells)", default=False)
-    chunk_tokens: int = _doc("tokens per chunk of the KL term (logits of both models, fp32)", default=1024)
 
 
 @dataclass
@@ -253,7 +255,12 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {expected} at {where}")
 
 
+# Keys that moved: (old section, key) -> (section, key). Old configs and checkpoints still load.
+_MOVED = {("distill", "chunk_tokens"): ("train", "loss_chunk_tokens")}
+
+
 def _apply(config: Config, section: str, key: str, value: Any, source: str) -> None:
+    section, key = _MOVED.get((section, key), (section, key))
     types = _section_types()
     if section not in types:
         raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, types)}")
@@ -417,7 +424,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(k.temperature > 0, f"distill.temperature={k.temperature} must be positive")
     _require(k.teacher_dtype in ("bf16", "fp32", "auto"),
              f"distill.teacher_dtype={k.teacher_dtype!r} must be bf16, fp32 or auto")
-    _require(k.chunk_tokens >= 1, f"distill.chunk_tokens must be >= 1, got {k.chunk_tokens}")
+    _require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (0: full logits), got {t.loss_chunk_tokens}")
+    _require(not k.teacher or t.loss_chunk_tokens >= 1,
+             "train.loss_chunk_tokens=0 (full logits) cannot distill: the distillation loss runs in chunks; set it >= 1")
     o = config.optim
     _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")

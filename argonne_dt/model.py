@@ -212,15 +212,18 @@ class ArgonneModel(nn.Module):
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
-    def use_loss_path(self, fused_chunk: int, vocab_sharded_logits: bool) -> None:
-        """How ``forward(tokens, targets=...)`` computes the loss.
+    def use_loss_path(self, fused_chunk: int | None = None, vocab_sharded_logits: bool | None = None) -> None:
+        """How ``forward(tokens, targets=...)`` computes the loss (an argument left out keeps its value).
 
-        ``fused_chunk`` tokens per chunk of the fused lm_head + loss (0: full logits, then
-        cross-entropy); ``vocab_sharded_logits``: the lm_head's output is vocab-sharded (tensor
-        parallel), so the loss must run under ``loss_parallel``. Tensor parallelism sets both.
+        ``fused_chunk`` tokens per chunk of the fused lm_head + loss (``train.loss_chunk_tokens``; 0:
+        full logits, then cross-entropy); at any tensor-parallel degree, a vocab-sharded lm_head making
+        it the vocab-parallel fused loss. ``vocab_sharded_logits``: the lm_head's output is
+        vocab-sharded (tensor parallelism sets it), so the full-logits loss runs under ``loss_parallel``.
         """
-        self.fused_loss_chunk = fused_chunk
-        self.vocab_sharded_logits = vocab_sharded_logits
+        if fused_chunk is not None:
+            self.fused_loss_chunk = fused_chunk
+        if vocab_sharded_logits is not None:
+            self.vocab_sharded_logits = vocab_sharded_logits
 
     def tie_weights(self) -> None:
         """One parameter for embedding and lm_head (call again after anything replaces either);
@@ -302,8 +305,7 @@ class ArgonneModel(nn.Module):
     def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss of the final hidden states, by the declared loss path."""
         if self.fused_loss_chunk:
-            return fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                              self.fused_loss_chunk)
+            return fused_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.fused_loss_chunk)
         return cross_entropy_loss(self.lm_head(hidden), targets)
 
     def new_kv_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
