@@ -44,9 +44,19 @@ def _natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
+def _resolved(path: str) -> str:
+    """One name per file: local paths resolved (``..``, links); URLs as listed."""
+    return path if "://" in path else os.path.realpath(path)
+
+
 def expand_paths(patterns: list[str]) -> list[str]:
-    """Files, directories (their *.parquet) and globs, local or fsspec URLs, in natural order."""
+    """Files, directories (their *.parquet) and globs, local or fsspec URLs, in natural order.
+
+    A file that several patterns match (``[dir, dir + "/*.parquet"]``) is listed once, where first
+    matched: an epoch reads every file once.
+    """
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in patterns:
         if "://" in pattern:
             import fsspec
@@ -64,8 +74,17 @@ def expand_paths(patterns: list[str]) -> list[str]:
             found = [pattern]
         if not found:
             raise DataError(f"data.paths: {pattern!r} matches no file")
-        files.extend(sorted(found, key=_natural_key))
+        for path in sorted(found, key=_natural_key):
+            if _resolved(path) not in seen:
+                seen.add(_resolved(path))
+                files.append(path)
     return files
+
+
+def shared_files(training: list[str], held_out: list[str]) -> list[str]:
+    """The held-out files that are training files too (a held-out loss on them measures memorization)."""
+    trained = {_resolved(path) for path in training}
+    return [path for path in held_out if _resolved(path) in trained]
 
 
 def data_files(paths: list[str], held_out: bool = False) -> list[str]:
@@ -185,8 +204,8 @@ class TextBatch:
 class Resumption:
     """Where a dp rank starts when the run continues on another number of dp ranks.
 
-    ``carryover``: the rows of the interrupted epoch dealt to this rank (read before its plan
-    share, whose next epoch follows); ``pending``: tokens old ranks had packed but not emitted,
+    ``carryover``: the rows the old ranks owed up to epoch ``epoch`` dealt to this rank (read
+    before its plan share, whose next epoch follows); ``pending``: tokens old ranks had packed but not emitted,
     emitted first; the running counts of the old ranks dealt to it. The default is a fresh start.
     """
 
@@ -213,13 +232,17 @@ def _states_with(state, key: str) -> list[dict]:
 
 
 def reshard_positions(states: list[dict], old_plan: SharePlan, dp_size: int) -> list[Resumption]:
-    """Deal the unread rest of an epoch, saved by ``len(states)`` dp ranks, to ``dp_size`` ranks.
+    """Deal what ``len(states)`` dp ranks still had to read up to the newest epoch to ``dp_size`` ranks.
 
-    Every old rank's unread segments (its partly read one cut at the next unread document),
-    concatenated in rank order, are cut into ``dp_size`` contiguous, balanced ranges; old rank k's
-    packed but unemitted tokens and running counts go to new rank k % dp_size. Every document the
-    old ranks had not consumed is read exactly once, and no packed token is lost. Deterministic:
-    every rank computes the same dealing from the same states.
+    With ``data.loop`` the ranks read equal rows but unequal tokens, so they can be in different
+    epochs: the newest epoch E is the one any rank reached. An old rank in epoch e still owes the
+    unread rest of e (its partly read segment cut at the next unread document) and full passes of
+    its share for epochs e + 1 .. E. All that is owed, oldest pass first and in rank order within
+    a pass, is cut into ``dp_size`` contiguous, balanced ranges: the new ranks' remainder of epoch
+    E, after which every rank reads epoch E + 1 of its new share. Old rank k's packed but
+    unemitted tokens and running counts go to new rank k % dp_size. So every document is read as
+    many times per epoch as without the change, and no packed token is lost. Deterministic: every
+    rank computes the same dealing from the same states.
     """
     if len(states) != old_plan.dp_size:
         raise DataError(f"{len(states)} saved data positions, but the plan of the saving run has {old_plan.dp_size} shares")
@@ -229,9 +252,13 @@ def reshard_positions(states: list[dict], old_plan: SharePlan, dp_size: int) -> 
         if len(found) != 1:
             raise DataError(f"the data position of dp rank {rank} has {len(found)} packer states, expected one")
         packers.append(found[0])
-    unread = [segment for rank, packer in enumerate(packers)
-              for segment in packer["position"].unread(old_plan.shares[rank])]
-    epoch = max(packer["position"].epoch for packer in packers)
+    positions = [packer["position"] for packer in packers]
+    epoch = max(position.epoch for position in positions)
+    owed = [[position.unread(share)] + [list(share)] * (epoch - position.epoch)  # per epoch from its own
+            for position, share in zip(positions, old_plan.shares)]
+    unread = [segment for pass_epoch in range(min(position.epoch for position in positions), epoch + 1)
+              for position, passes in zip(positions, owed) if position.epoch <= pass_epoch
+              for segment in passes[pass_epoch - position.epoch]]
     bad_shards = tuple(sorted({shard for state in states for node in _states_with(state, "bad_shards")
                                for shard in node["bad_shards"]}))
     resumptions = []
@@ -505,6 +532,10 @@ class TokenizedDocs:
 class QualityFilterTokenizer:
     """The original run's rules, then batched tokenization with BOS / EOS around each document."""
 
+    # Each rule that drops documents, and the setting it follows.
+    RULES = {"empty": "data.text_column (null or blank texts)", "digit_ratio": "data.max_digit_ratio",
+             "alpha_space_ratio": "data.min_alpha_space_ratio", "too_few_tokens": "data.min_tokens"}
+
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
@@ -553,11 +584,16 @@ class TokenPacker(BaseNode[dict]):
     document (what ``reshard_positions`` deals when the number of dp ranks changes). On restore
     the batch is produced again (deterministically) and packing continues mid-document.
     ``resumption`` starts a fresh packer with the tokens other ranks had packed but not emitted.
+
+    A whole pass over the share (an epoch read from its start) that keeps no document raises a
+    ``DataError`` naming ``owner``, the files and the rules that dropped them: with ``data.loop``
+    the packer would otherwise wait for a document forever.
     """
 
-    def __init__(self, source: BaseNode[TokenizedDocs], window: int, resumption: Resumption | None = None):
+    def __init__(self, source: BaseNode[TokenizedDocs], window: int, resumption: Resumption | None = None,
+                 owner: str = "this rank"):
         super().__init__()
-        self.source, self.window = source, window
+        self.source, self.window, self.owner = source, window, owner
         self.resumption = resumption or Resumption()
 
     def reset(self, initial_state: dict | None = None):
@@ -570,7 +606,10 @@ class TokenPacker(BaseNode[dict]):
             self._start = Position(start.epoch, carryover=start.carryover)
             self._pending = np.asarray(start.pending, dtype=np.int64)
             self.dropped, self.documents = Counter(start.dropped), start.documents
+            # A dealt remainder is part of an epoch: the first whole pass is the next one.
+            self._start_pass(start.epoch, whole=start.carryover is None)
             return
+        self._start_pass(initial_state["position"].epoch, whole=False)
         self._source_state = initial_state["source"]
         self.source.reset(self._source_state)
         self._doc_index = initial_state["doc_index"]
@@ -592,12 +631,36 @@ class TokenPacker(BaseNode[dict]):
         return {"source": self._source_state, "doc_index": self._doc_index, "pending": self._pending.copy(),
                 "dropped": dict(self.dropped), "documents": self.documents, "position": self._position()}
 
+    def _start_pass(self, epoch: int, whole: bool) -> None:
+        """Watch the pass of ``epoch``: ``whole`` when it is read from its start."""
+        self._epoch, self._barren = epoch, whole
+        self._barren_dropped, self._barren_files = Counter(), []
+
+    def _watch_for_a_barren_pass(self, batch: TokenizedDocs) -> None:
+        if batch.end.epoch != self._epoch:
+            if self._barren:
+                files = self._barren_files
+                rules = ", ".join(f"{rule}: {count}, set by {QualityFilterTokenizer.RULES[rule]}"
+                                  for rule, count in self._barren_dropped.most_common())
+                raise DataError(
+                    f"{self.owner}: a whole pass over {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
+                    f"kept no document: the quality filter dropped all {sum(self._barren_dropped.values())} "
+                    f"documents ({rules}); change those settings, or the files of data.paths / data.eval_paths")
+            self._start_pass(batch.end.epoch, whole=True)
+        if batch.docs:
+            self._barren = False
+        elif self._barren:
+            self._barren_dropped.update(batch.dropped)
+            if batch.end.key.file not in self._barren_files:
+                self._barren_files.append(batch.end.key.file)
+
     def _next_document(self) -> list[int]:
         while self._doc_index >= len(self._batch.docs):
             self._source_state = self.source.state_dict()
             self._batch = next(self.source)
             self._doc_index = 0
             self.dropped.update(self._batch.dropped)
+            self._watch_for_a_barren_pass(self._batch)
         self._doc_index += 1
         self.documents += 1
         return self._batch.docs[self._doc_index - 1]
@@ -647,7 +710,7 @@ def build_data_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int = 0, 
     node: BaseNode = ParquetDocumentReader(plan, dp_rank, cfg, cfg.tokenize_batch_size, resumption)
     node = ParallelMapper(node, QualityFilterTokenizer(cfg), num_workers=cfg.num_workers, in_order=True,
                           method="thread")
-    node = TokenPacker(node, cfg.seq_len + 1, resumption)
+    node = TokenPacker(node, cfg.seq_len + 1, resumption, f"dp rank {dp_rank}")
     node = Batcher(node, batch_size=micro_batch_size, drop_last=True)
     node = Mapper(node, _collate)
     if cfg.prefetch > 0:
@@ -731,9 +794,9 @@ class TensorParallelBatches:
                                         self.plan.dp_size)
         if not dist.is_initialized() or dist.get_rank() == 0:
             rows = sum(s.stop - s.start for r in resumptions for s in r.carryover)
-            print(f"data: positions saved by {saved} dp rank(s), continuing on {self.plan.dp_size}: the epoch's "
-                  f"{rows} unread rows and {sum(len(r.pending) for r in resumptions)} packed tokens are dealt "
-                  "anew", flush=True)
+            print(f"data: positions saved by {saved} dp rank(s), continuing on {self.plan.dp_size}: the "
+                  f"{rows} rows owed up to epoch {resumptions[0].epoch} and "
+                  f"{sum(len(r.pending) for r in resumptions)} packed tokens are dealt anew", flush=True)
         self.loader = self._loader(resumptions[self.dp_rank])
 
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
+from itertools import islice
 
 import torch
 import torch.distributed as dist
 
 from .config import Config, DataConfig
 from .checkpoint import load_model
-from .data import batches_for, data_files, held_out_split, shared_plan
+from .data import batches_for, data_files, held_out_split, shared_files, shared_plan
 from .distributed import ParallelLayout, compute_dtype, full_value, local_device, mixed_precision
 from .loss import loss_context, next_token_loss
 from .metrics import ProgressReporter
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -25,9 +29,8 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
     over all ranks' batches.
     """
     total = torch.zeros(2, device=device)  # loss sum, batch count
-    for index, batch in enumerate(batches):
-        if max_batches and index >= max_batches:
-            break
+    # islice stops before fetching a batch past the last one (each fetch reads and tokenizes data).
+    for batch in islice(batches, max_batches or None):
         with autocast, loss_context(model):
             total[0] += full_value(next_token_loss(model, batch, device)["loss"])
         total[1] += 1
@@ -65,10 +68,15 @@ class Evaluator:
     def for_run(cls, cfg: Config, device: torch.device, autocast, layout: ParallelLayout | None) -> Evaluator:
         """The validation ``train.eval_every`` asks for: ``data.eval_paths`` (or the sample corpus's held-out split).
 
-        With ``data.paths`` and no ``data.eval_paths``: the ``data.eval_split`` rows held out of data.paths."""
+        Held-out files that ``data.paths`` lists too are named in a warning at start-up. With
+        ``data.paths`` and no ``data.eval_paths``: the ``data.eval_split`` rows held out of data.paths."""
         if held_out_split(cfg.data):
             return cls(cfg.data, cfg.train.micro_batch_size, cfg.train.eval_batches, device, autocast, layout,
                        source="data.paths", held_out=True)
+        overlap = shared_files(data_files(cfg.data.paths), data_files(cfg.data.eval_paths, held_out=True))
+        if overlap and (layout is None or layout.rank == 0):
+            log.warning("data.eval_paths: %d held-out file(s) are training files too (data.paths): %s; the held-out "
+                        "loss on them is not a held-out loss", len(overlap), ", ".join(overlap))
         return cls(replace(cfg.data, paths=cfg.data.eval_paths), cfg.train.micro_batch_size, cfg.train.eval_batches,
                    device, autocast, layout, source=f"data.eval_paths={cfg.data.eval_paths}")
 

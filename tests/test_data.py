@@ -426,7 +426,7 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     taken: list[tuple] = []
     ours = weakref.WeakSet()
     real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
-    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args: (ours.add(self), real_init(self, *args))[1])
+    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args, **kwargs: (ours.add(self), real_init(self, *args, **kwargs))[1])
 
     def recording(self):
         doc = real_next(self)
@@ -459,3 +459,47 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     assert Counter(taken) == Counter(map(tuple, epoch))
     # Only each last rank's final remainder (less than a window) is not emitted.
     assert 0 <= sum(map(len, epoch)) - emitted < sizes[-1] * (cfg.seq_len + 1)
+
+
+def test_a_file_matched_twice_is_listed_once(shards, tmp_path):
+    files = expand_paths([str(tmp_path)])
+    assert expand_paths([str(tmp_path), str(tmp_path / "*.parquet"), files[1], str(tmp_path / "." / "part-3.parquet")]) == files
+
+
+def test_held_out_files_that_are_training_files_are_named_at_start_up(shards, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from argonne_dt.config import Config
+    from argonne_dt.evaluation import Evaluator
+
+    (tmp_path / "held").mkdir()
+    held_out = write_parquet(tmp_path / "held" / "h.parquet", documents(5, seed=11))
+    cfg = Config()
+    cfg.data.paths, cfg.data.eval_paths = [str(tmp_path)], [str(tmp_path / "." / "part-3.parquet"), held_out]
+    with caplog.at_level(logging.WARNING):
+        Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), SimpleNamespace(rank=0, dp=1))
+    assert "1 held-out file(s) are training files too" in caplog.text and "part-3.parquet" in caplog.text
+    caplog.clear()
+    cfg.data.eval_paths = [held_out]
+    with caplog.at_level(logging.WARNING):
+        Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), SimpleNamespace(rank=0, dp=1))
+    assert "training files too" not in caplog.text
+
+
+def test_an_evaluation_fetches_only_the_batches_it_uses():
+    from argonne_dt.evaluation import evaluate
+
+    class MeanOfInputs(torch.nn.Module):
+        def forward(self, input, targets):
+            return input.float().mean()
+
+    fetched = []
+
+    def held_out_batches():
+        for index in range(10):
+            fetched.append(index)
+            yield {"input": torch.full((1, 4), index), "target": torch.zeros(1, 4, dtype=torch.long)}
+
+    result = evaluate(MeanOfInputs(), held_out_batches(), torch.device("cpu"), torch.autocast("cpu", enabled=False),
+                      max_batches=3)
+    assert fetched == [0, 1, 2] and result["loss"] == 1.0

@@ -1,0 +1,179 @@
+"""Epochs under ``data.loop``: a change of dp size when the ranks are in different epochs, and a
+share that keeps no document."""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from dataclasses import replace
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from argonne_dt.config import DataConfig
+from argonne_dt.data import (
+    DataError,
+    ParquetDocumentReader,
+    Position,
+    QualityFilterTokenizer,
+    TensorParallelBatches,
+    TextBatch,
+    TokenPacker,
+    build_data_loader,
+    plan_shares,
+    reshard_positions,
+)
+from conftest import WORDS, write_parquet
+
+
+def config(**overrides) -> DataConfig:
+    values = dict(seq_len=15, num_workers=1, prefetch=0, tokenize_batch_size=3, min_tokens=1, loop=True)
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def _rows(segments) -> list[tuple]:
+    return [(s.file, s.row_group, row) for s in segments for row in range(s.start, s.stop)]
+
+
+def _saved(position: Position, pending=(), documents=0) -> dict:
+    """A loader state as far as resharding reads it: the packer's and the reader's entries."""
+    return {"packer": {"position": position, "pending": np.asarray(pending, dtype=np.int64), "dropped": {},
+                       "documents": documents},
+            "reader": {"bad_shards": []}}
+
+
+def test_carryover_when_one_rank_has_wrapped_to_the_next_epoch(tmp_path):
+    files = [write_parquet(tmp_path / "a.parquet", [f"doc {i}" for i in range(20)], row_group_size=4)]
+    old = plan_shares(files, 2, config())
+    ahead, behind = old.shares
+    # Rank 0 has wrapped into epoch 1 (3 rows of it read); rank 1 is still in epoch 0, mid-segment.
+    states = [_saved(Position(1, 0, 3, ahead[0]), pending=[7, 8]),
+              _saved(Position(0, 1, 1, behind[1]), pending=[9])]
+    owed = (_rows([replace(behind[1], start=behind[1].start + 1)] + list(behind[2:]))  # epoch 0
+            + _rows([replace(ahead[0], start=ahead[0].start + 3)] + list(ahead[1:]))  # epoch 1
+            + _rows(behind))  # epoch 1 of the rank that was behind
+    [single] = reshard_positions(states, old, 1)
+    assert single.epoch == 1 and _rows(single.carryover) == owed
+    assert single.pending.tolist() == [7, 8, 9]
+    three = reshard_positions(states, old, 3)
+    assert [row for r in three for row in _rows(r.carryover)] == owed  # contiguous, in order
+    assert max(len(_rows(r.carryover)) for r in three) - min(len(_rows(r.carryover)) for r in three) <= 1
+    assert {r.epoch for r in three} == {1}
+
+
+def _drifting_corpus(tmp_path) -> tuple[list[str], list[str]]:
+    """Short documents first, long ones after: at dp 2 and 3 the first ranks pass through their
+    shares several times while the last is still in its first epoch."""
+    short = [f"s{i} {WORDS[i % len(WORDS)]}" for i in range(24)]
+    long = [f"l{i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(26)) for i in range(24)]
+    return [write_parquet(tmp_path / "mixed.parquet", short + long, row_group_size=5)], short + long
+
+
+def _packer_state(state: dict) -> dict:
+    stack = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "pending" in node:
+                return node
+            stack.extend(node.values())
+    raise AssertionError("no packer state")
+
+
+@pytest.mark.parametrize("sizes", [(2, 1), (2, 3, 1)])
+def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, monkeypatch, sizes):
+    """Equal batches per rank, unequal documents: the ranks drift into different epochs before
+    each change. The last run reads until it starts the epoch after the newest saved one; by
+    then every document has been taken exactly (newest epoch + 1) times, and every token of the
+    documents taken was emitted once or is still packed."""
+    files, texts = _drifting_corpus(tmp_path)
+    cfg = config(paths=files)
+    taken: list[tuple] = []  # (document, epoch it was taken in)
+    ours = weakref.WeakSet()
+    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
+    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args, **kwargs: (ours.add(self), real_init(self, *args, **kwargs))[1])
+
+    def recording(self):
+        doc = real_next(self)
+        if self in ours:
+            taken.append((tuple(doc), self._batch.positions[self._doc_index - 1].epoch))
+        return doc
+
+    monkeypatch.setattr(TokenPacker, "_next_document", recording)
+    window = cfg.seq_len + 1
+    states, emitted, newest, drifted = {}, 0, 0, []
+    for stage, size in enumerate(sizes):
+        last = stage == len(sizes) - 1
+        plan, saved, states = plan_shares(files, size, cfg), states, {}
+        for rank in range(size):
+            reader = TensorParallelBatches(cfg, 1, plan, rank)
+            if saved:
+                reader.load_state_dict(saved)
+            batches = iter(reader)
+            if last:  # to the first document of the epoch after the newest one any old rank reached
+                before = len(taken)
+                while not any(epoch > newest for _, epoch in taken[before:]):
+                    next(batches)
+                    emitted += window
+            else:
+                emitted += window * len(list(islice(batches, 40 if stage == 0 else 120)))
+            states.update(reader.state_dict())
+        if not last:
+            epochs = [_packer_state(state)["position"].epoch for state in states.values()]
+            drifted.append(len(set(epochs)) > 1)
+            newest = max(epochs)
+    assert all(drifted) and newest >= 2  # every change happened with ranks in different epochs
+    epoch_docs = QualityFilterTokenizer(cfg)(TextBatch(texts, Position(0))).docs
+    reads = Counter(doc for doc, epoch in taken if epoch <= newest)
+    assert reads == Counter({tuple(doc): newest + 1 for doc in epoch_docs})
+    pending = sum(len(_packer_state(state)["pending"]) for state in states.values())
+    assert sum(len(doc) for doc, _ in taken) == emitted + pending
+
+
+@pytest.fixture
+def bounded_passes(monkeypatch):
+    """Without the check the pipeline would look for a document forever: stop it after ten passes."""
+    real_next = ParquetDocumentReader.next
+
+    def next_within_ten_passes(self):
+        batch = real_next(self)
+        assert batch.position.epoch <= 10, "ten passes over the share and still no error"
+        return batch
+
+    monkeypatch.setattr(ParquetDocumentReader, "next", next_within_ten_passes)
+
+
+def test_a_share_the_filter_empties_fails_at_its_first_pass(tmp_path, bounded_passes):
+    digits = ["1234567890 " * 8 + str(i) for i in range(6)]  # every one over the digit ratio
+    files = [write_parquet(tmp_path / "digits.parquet", digits, row_group_size=4)]
+    cfg = config(paths=files)
+    with pytest.raises(DataError, match=r"digits.parquet.*6 documents.*digit_ratio: 6.*data.max_digit_ratio"):
+        next(iter(build_data_loader(cfg, 1, files=files)))
+    # One of two dp ranks: its share (the digits) fails, the other reads on.
+    good = write_parquet(tmp_path / "words.parquet", [" ".join(WORDS)] * 6, row_group_size=4)
+    mixed = plan_shares(files + [good], 2, cfg)
+    with pytest.raises(DataError, match=r"dp rank 0.*digits.parquet"):
+        next(iter(build_data_loader(cfg, 1, 0, 2, plan=mixed)))
+    assert len(list(islice(iter(build_data_loader(cfg, 1, 1, 2, plan=mixed)), 30))) == 30
+
+
+def test_a_share_emptied_after_a_dealt_remainder_fails_after_one_pass_of_its_own(tmp_path, bounded_passes):
+    """A remainder dealt at a change of dp size that keeps documents, then a share that keeps none:
+    the error comes at the end of the share's first whole pass."""
+    words = [f"w{i} " + " ".join(WORDS) for i in range(6)]
+    digits = ["1234567890 " * 8 + str(i) for i in range(6)]
+    files = [write_parquet(tmp_path / "a.parquet", words + digits, row_group_size=3)]
+    cfg = config(paths=files)
+    old = plan_shares(files, 2, cfg)
+    # Old rank 0 (the words) read nothing, old rank 1 (the digits) everything: the words are owed,
+    # dealt to both new ranks; new rank 1's own share is the digits.
+    states = [_saved(Position(0, 0, 0, old.shares[0][0])), _saved(Position(0, len(old.shares[1])))]
+    resumption = reshard_positions(states, old, 2)[1]
+    assert _rows(resumption.carryover) == [(files[0], 1, 0), (files[0], 1, 1), (files[0], 1, 2)]
+    loader = build_data_loader(cfg, 1, 1, 2, plan=plan_shares(files, 2, cfg), resumption=resumption)
+    batches = iter(loader)
+    next(batches)  # the dealt words
+    with pytest.raises(DataError, match=r"dp rank 1: a whole pass over .*a.parquet kept no document"):
+        list(islice(batches, 500))
