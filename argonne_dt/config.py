@@ -44,7 +44,8 @@ class ModelConfig:
     norm_eps: float = _doc("RMSNorm epsilon", default=1e-6)
     init_std: float = _doc("std of the normal init; residual projections get / sqrt(2 * layers)", default=0.02)
     pad_head_dim: bool = _doc(
-        "pad q/k/v to a multiple of 8 inside attention so flash SDPA kernels accept the head size",
+        "pad q/k/v to a multiple of 8 inside attention (and the KV cache): the memory-efficient and cuDNN "
+        "SDPA kernels need it; the flash kernel pads by itself",
         default=False,
     )
     attention_bias: bool = _doc("biases on the q, k and v projections (Qwen2 teachers; Argonne has none)",
