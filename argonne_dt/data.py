@@ -678,9 +678,17 @@ class TokenPacker(BaseNode[dict]):
         return {"tokens": window, "dropped": dict(self.dropped), "documents": self.documents}
 
 
+def _pinned() -> bool:
+    """Whether batches go to page-locked memory: a GPU can then copy them without the host waiting."""
+    return torch.cuda.is_available()
+
+
 def _collate(windows: list[dict]) -> dict:
     tokens = torch.from_numpy(np.stack([w["tokens"] for w in windows]))
-    return {"input": tokens[:, :-1], "target": tokens[:, 1:], "dropped": windows[-1]["dropped"],
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if _pinned():  # contiguous and page-locked: each goes to the GPU in one copy the host need not wait for
+        inputs, targets = inputs.contiguous().pin_memory(), targets.contiguous().pin_memory()
+    return {"input": inputs, "target": targets, "dropped": windows[-1]["dropped"],
             "documents": windows[-1]["documents"]}
 
 
@@ -724,9 +732,17 @@ class TensorParallelBatches:
     Only the group's first rank (``reads``) reads and tokenizes; each batch reaches the peers by
     broadcast. The vocab-parallel embedding and loss combine partial results across the group, so
     its ranks must hold the same tokens: a read error on one rank cannot make them differ, and the
-    tokenization is done once instead of tp times. A reader's error (or the end of the data)
-    reaches the peers too. ``tp_group=None``: a group of one, no communication.
+    tokenization is done once instead of tp times. ``tp_group=None``: a group of one, no communication.
+
+    Per micro-batch two tensors go by ``dist.broadcast``, nothing is pickled: a header of int64
+    (status, window shape, the running document and drop counts) and the windows of token ids.
+    The end of the data and any exception of the reader travel in the header's status, so the
+    peers stop or fail with the reader instead of waiting in the broadcast; only on that rare
+    error path does the message go as an object.
     """
+
+    BATCH, END, ERROR = range(3)
+    HEADER = 4 + len(QualityFilterTokenizer.RULES)  # status, rows, columns, documents, dropped per rule
 
     def __init__(self, cfg: DataConfig, micro_batch_size: int, plan: SharePlan, dp_rank: int = 0,
                  reads: bool = True, tp_group=None):
@@ -736,6 +752,9 @@ class TensorParallelBatches:
         self.reads, self.group = reads, tp_group
         self.loader = self._loader(None)
         self._batches = None
+        # gloo carries host tensors (nothing waits for a device); nccl needs them on this rank's GPU.
+        self._device = None if tp_group is None or "gloo" in str(dist.get_backend(tp_group)) else \
+            torch.device("cuda", torch.cuda.current_device())
 
     def _loader(self, resumption: Resumption | None) -> DataLoader | None:
         if not self.reads:
@@ -750,21 +769,58 @@ class TensorParallelBatches:
     def __next__(self) -> dict:
         if self.group is None:
             return next(self._batches)
-        message: list = [None]
-        if self.loader is not None:
-            try:
-                message[0] = ("batch", next(self._batches))
-            except StopIteration:
-                message[0] = ("end", None)
-            except DataError as err:
-                message[0] = ("error", str(err))
-        dist.broadcast_object_list(message, group=self.group, group_src=0)
-        kind, value = message[0]
-        if kind == "end":
+        return self._send() if self.loader is not None else self._receive()
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._device is not None:
+            tensor = tensor.to(self._device, non_blocking=True)
+        dist.broadcast(tensor, group=self.group, group_src=0)
+        return tensor
+
+    def _signal(self, status: int) -> None:
+        header = torch.zeros(self.HEADER, dtype=torch.int64)
+        header[0] = status
+        self._broadcast(header)
+
+    def _send(self) -> dict:
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self._signal(self.END)
+            raise
+        except Exception as err:
+            self._signal(self.ERROR)
+            reason = str(err) if isinstance(err, DataError) else \
+                f"{type(err).__name__}: {err} (raised by the data reader of this tensor-parallel group)"
+            dist.broadcast_object_list([reason], group=self.group, group_src=0)
+            raise
+        windows = torch.cat([batch["input"][:, :1], batch["target"]], dim=1)
+        dropped = [batch["dropped"].get(rule, 0) for rule in QualityFilterTokenizer.RULES]
+        self._broadcast(torch.tensor([self.BATCH, *windows.shape, batch["documents"], *dropped]))
+        windows = self._broadcast(windows)
+        if self._device is None:
+            return batch
+        return {**batch, "input": windows[:, :-1], "target": windows[:, 1:]}  # already on the GPU, like the peers'
+
+    def _empty(self, *shape: int) -> torch.Tensor:
+        """A receiving buffer: on the GPU for nccl, else in host memory (page-locked where a GPU is)."""
+        if self._device is not None:
+            return torch.empty(shape, dtype=torch.int64, device=self._device)
+        return torch.empty(shape, dtype=torch.int64, pin_memory=_pinned())
+
+    def _receive(self) -> dict:
+        # The receivers' one host read per micro-batch: none of the device's with gloo (host memory),
+        # a wait for the broadcast's kernel with nccl.
+        status, rows, columns, documents, *dropped = self._broadcast(self._empty(self.HEADER)).tolist()
+        if status == self.END:
             raise StopIteration
-        if kind == "error":
-            raise DataError(value)
-        return value
+        if status == self.ERROR:
+            reason: list = [None]
+            dist.broadcast_object_list(reason, group=self.group, group_src=0)
+            raise DataError(reason[0])
+        windows = self._broadcast(self._empty(rows, columns))
+        return {"input": windows[:, :-1], "target": windows[:, 1:], "documents": documents,
+                "dropped": {rule: n for rule, n in zip(QualityFilterTokenizer.RULES, dropped) if n}}
 
     def state_dict(self) -> dict[str, Any]:
         """The reader's data position, keyed by its dp rank (the peers that receive have none)."""

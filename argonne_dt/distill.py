@@ -59,7 +59,7 @@ class DistillationObjective:
             torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     def __call__(self, model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        inputs, targets = batch["input"].to(device), batch["target"].to(device)
+        inputs, targets = batch["input"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
         with torch.no_grad(), self.teacher_precision():
             teacher_hidden = self.teacher(inputs, head=_final_hidden)
         return model(inputs, targets=targets, head=partial(self._loss, teacher_hidden=teacher_hidden))

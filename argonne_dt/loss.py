@@ -236,7 +236,8 @@ def next_token_loss(model, batch: dict, device: torch.device) -> dict[str, torch
     An objective maps (model, micro-batch) to named scalars; ``loss`` is the one minimized, and
     every other entry is averaged and logged like it. Call it inside ``loss_context(model)``.
     """
-    return {"loss": model(batch["input"].to(device), targets=batch["target"].to(device))}
+    return {"loss": model(batch["input"].to(device, non_blocking=True),
+                          targets=batch["target"].to(device, non_blocking=True))}
 
 
 def _distillation_chunks(teacher_rows, teacher_weight, alpha: float, temperature: float, teacher_precision):
@@ -253,8 +254,7 @@ def _distillation_chunks(teacher_rows, teacher_weight, alpha: float, temperature
             with teacher_precision():
                 teacher = F.linear(teacher_rows[span], teacher_weight).float()
             maxima = vocab.reduce(torch.stack((logits.amax(dim=-1), teacher.amax(dim=-1))), "max")
-            logits -= maxima[0, :, None]
-            teacher = teacher.sub_(maxima[1, :, None]).div_(t)  # the teacher's log q + log of its sum
+            teacher = teacher.div_(t)  # the teacher's log q + log of its sum
             target = logits.gather(1, column[span]).squeeze(1) * held[span]
             q = teacher.exp()
             # KL = sum q (log q - log p_T) = sum(q (teacher - logits / T)) / sum q - log sum q + log sum p_T

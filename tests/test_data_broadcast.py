@@ -1,0 +1,93 @@
+"""The batches of a tensor-parallel group: tensors by ``dist.broadcast``, the end of the data and
+any error of the reading rank reach its peers."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from conftest import documents, write_parquet
+from distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _as_arrays(batch: dict) -> dict:
+    return {"input": batch["input"].numpy(), "target": batch["target"].numpy(), "dropped": batch["dropped"],
+            "documents": batch["documents"]}
+
+
+def _tp_group_reads(files: list[str]) -> dict:
+    """On 2 ranks of one tp group (rank 0 reads): steady-state batches with the collectives spied
+    on, the end of the data, and an error of the reader that is not a ``DataError``."""
+    import torch.distributed as dist
+
+    from argonne_dt.config import DataConfig
+    from argonne_dt.data import QualityFilterTokenizer, TensorParallelBatches, plan_shares
+
+    cfg = DataConfig(paths=files, seq_len=15, num_workers=1, prefetch=2, tokenize_batch_size=3, min_tokens=1,
+                     loop=False)
+    plan = plan_shares(files, 1, cfg)
+    group = dist.new_group([0, 1])
+    calls = {"broadcast": [], "broadcast_object_list": 0}
+    real_broadcast, real_objects = dist.broadcast, dist.broadcast_object_list
+
+    def broadcast(tensor, *args, **kwargs):
+        calls["broadcast"].append(type(tensor).__name__)
+        return real_broadcast(tensor, *args, **kwargs)
+
+    def broadcast_object_list(objects, *args, **kwargs):
+        calls["broadcast_object_list"] += 1
+        return real_objects(objects, *args, **kwargs)
+
+    dist.broadcast, dist.broadcast_object_list = broadcast, broadcast_object_list
+    out = {}
+    try:
+        batches = TensorParallelBatches(cfg, 2, plan, 0, reads=dist.get_rank() == 0, tp_group=group)
+        out["batches"] = [_as_arrays(b) for b in iter(batches)]  # to the end of the data
+        out["calls"] = {"broadcast": list(calls["broadcast"]), "broadcast_object_list": calls["broadcast_object_list"]}
+        # The reader's tokenizer fails at the sixth document: an error that is not a DataError.
+        real_call = QualityFilterTokenizer.__call__
+
+        def failing(self, batch):
+            if any(text.startswith("doc5 ") for text in batch.texts):
+                raise UnicodeError("the tokenizer met something it cannot encode")
+            return real_call(self, batch)
+
+        QualityFilterTokenizer.__call__ = failing
+        try:
+            failing_batches = iter(TensorParallelBatches(cfg, 1, plan, 0, reads=dist.get_rank() == 0, tp_group=group))
+            list(islice(failing_batches, 1000))
+        except Exception as err:
+            out["error"] = (type(err).__name__, str(err))
+        finally:
+            QualityFilterTokenizer.__call__ = real_call
+    finally:
+        dist.broadcast, dist.broadcast_object_list = real_broadcast, real_objects
+    return out
+
+
+def test_a_tp_group_receives_tensors_equal_to_the_readers_batches_and_its_errors(tmp_path):
+    from argonne_dt.config import DataConfig
+    from argonne_dt.data import build_data_loader
+
+    files = [write_parquet(tmp_path / "a.parquet", documents(30, seed=3), row_group_size=4)]
+    reader, peer = run_distributed(_tp_group_reads, 2, files)
+    cfg = DataConfig(paths=files, seq_len=15, num_workers=1, prefetch=2, tokenize_batch_size=3, min_tokens=1,
+                     loop=False)
+    alone = [_as_arrays(b) for b in build_data_loader(cfg, 2, files=files)]  # one process, no tp group
+    assert len(alone) > 10
+    for got in (reader["batches"], peer["batches"]):
+        assert len(got) == len(alone)
+        for mine, expected in zip(got, alone):
+            assert np.array_equal(mine["input"], expected["input"]) and np.array_equal(mine["target"], expected["target"])
+            assert mine["input"].dtype == expected["input"].dtype
+            assert mine["dropped"] == expected["dropped"] and mine["documents"] == expected["documents"]
+    for rank in (reader, peer):
+        # Header and windows per batch, a header at the end: tensors only, nothing pickled.
+        assert rank["calls"] == {"broadcast": ["Tensor"] * (2 * len(alone) + 1), "broadcast_object_list": 0}
+    assert reader["error"][0] == "UnicodeError" and "the tokenizer met something it cannot encode" in reader["error"][1]
+    assert peer["error"][0] == "DataError"
+    assert peer["error"][1].startswith("UnicodeError: ") and reader["error"][1] in peer["error"][1]
