@@ -254,7 +254,8 @@ def _distillation_chunks(teacher_rows, teacher_weight, alpha: float, temperature
             with teacher_precision():
                 teacher = F.linear(teacher_rows[span], teacher_weight).float()
             maxima = vocab.reduce(torch.stack((logits.amax(dim=-1), teacher.amax(dim=-1))), "max")
-            teacher = teacher.div_(t)  # the teacher's log q + log of its sum
+            logits -= maxima[0, :, None]
+            teacher = teacher.sub_(maxima[1, :, None]).div_(t)  # the teacher's log q + log of its sum
             target = logits.gather(1, column[span]).squeeze(1) * held[span]
             q = teacher.exp()
             # KL = sum q (log q - log p_T) = sum(q (teacher - logits / T)) / sum q - log sum q + log sum p_T
