@@ -28,8 +28,10 @@ PEAK_BF16_FLOPS = {
 def measured_cpu_peak_flops(dtype: torch.dtype = torch.bfloat16, size: int = 512, repeats: int = 3) -> float:
     """What this CPU process does in a matmul of ``dtype``: the CPU's 'peak' for MFU (measured once
     per process and dtype; small, because CPUs without native bf16 take seconds for a large one)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    # Its own generator: the run's (checkpointed) random state must not depend on this measurement.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, generator=generator)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -66,6 +68,8 @@ class LogWindow:
     Every step of a run trains on the same number of tokens, so the mean of the steps' losses
     (each already the mean over its micro-batches and dp ranks) weights every token equally.
     Steps whose loss or norm was not finite (skipped updates) are left out of the means.
+    The window is checkpointed: the first line after a resume means the same steps as the line of
+    an uninterrupted run, those before the checkpoint included.
     """
 
     def __init__(self):
@@ -74,24 +78,37 @@ class LogWindow:
     def reset(self) -> None:
         self.started = time.perf_counter()
         self.steps = 0
+        self.timed_steps = 0  # the steps since ``started`` (a resumed window's earlier steps are not)
         self.losses: dict[str, list[float]] = {}
         self.grad_norms: list[float] = []
 
     def add(self, losses: dict[str, float], grad_norm: float) -> None:
         self.steps += 1
+        self.timed_steps += 1
         if all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm):
             for name, value in losses.items():
                 self.losses.setdefault(name, []).append(value)
             self.grad_norms.append(grad_norm)
 
     def seconds_per_step(self) -> float:
-        return (time.perf_counter() - self.started) / max(self.steps, 1)
+        return (time.perf_counter() - self.started) / max(self.timed_steps, 1)
 
     def means(self) -> dict[str, float]:
         if not self.grad_norms:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_norm_max": math.nan}
         return {**{name: sum(values) / len(values) for name, values in self.losses.items()},
                 "grad_norm": sum(self.grad_norms) / len(self.grad_norms), "grad_norm_max": max(self.grad_norms)}
+
+    def state_dict(self) -> dict:
+        """The same on every rank (the values are averaged over ranks): written once."""
+        return {"steps": self.steps, "losses": self.losses, "grad_norms": self.grad_norms}
+
+    def load_state_dict(self, entries: dict) -> None:
+        """The window a checkpoint held (empty from a checkpoint without one); the rate is measured anew."""
+        self.reset()
+        self.steps = entries.get("steps", 0)
+        self.losses = entries.get("losses", {})
+        self.grad_norms = entries.get("grad_norms", [])
 
 
 def eta_seconds(step: int, total: int, seconds_per_step: float) -> float:

@@ -100,13 +100,14 @@ class Trainer:
         self.objective = objective
         self.data = batches_for(cfg.data, cfg.train.micro_batch_size, plan, layout)
         self.progress = Progress()
+        self.window = LogWindow()
         # Asynchronous saves run their collectives in a background thread, beside training's: they
         # need a process group of their own (gloo: the data being written is on the CPU by then).
         checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
         self.checkpointer = Checkpointer(
             Path(cfg.job.dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
             ModelOptimizerState(self.model, self.optimizer),
-            {"progress": self.progress, "data": self.data,
+            {"progress": self.progress, "data": self.data, "log_window": self.window,
              "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)},
             checkpoint_group, cfg.checkpoint.write_threads)
         self._resume()
@@ -119,7 +120,7 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, dtype) * layout.world_size
         self.losses: dict[int, float] = {}
-        self.window, self.started = LogWindow(), time.perf_counter()
+        self.started = time.perf_counter()
         self.last_saved: Path | None = None
         self.saved_step = -1
 

@@ -118,6 +118,21 @@ def test_rng_states_of_ranks_that_are_gone_are_dropped_and_new_ranks_seed_from_t
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
+def test_ranks_new_after_a_dp_change_draw_different_numbers():
+    from argonne_dt.checkpoint import RngState
+
+    saved = {}
+    for rank in range(2):  # a run of 2 ranks, resumed on 4: ranks 2 and 3 are new
+        torch.manual_seed(rank)
+        saved.update(RngState(rank, 2, torch.device("cpu"), seed=1, step=lambda: 10).state_dict())
+    draws = []
+    for rank in range(4):
+        torch.manual_seed(99)  # whatever state the process had before the resume
+        RngState(rank, 4, torch.device("cpu"), seed=1, step=lambda: 10).load_state_dict(saved)
+        draws.append(torch.rand(4))
+    assert all(not torch.equal(draws[a], draws[b]) for a in range(4) for b in range(a))
+
+
 def test_a_state_that_cannot_be_restored_names_the_checkpoint_and_the_state(tmp_path):
     from argonne_dt.checkpoint import Checkpointer
     from argonne_dt.trainer import Progress

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import pickle
 
 import pytest
 
@@ -17,6 +18,20 @@ def test_window_means_the_steps_since_the_previous_line_and_skips_non_finite_ste
     assert window.means() == {"loss": 3.0, "grad_norm": 2.0, "grad_norm_max": 3.0}
     window.reset()
     assert window.steps == 0 and math.isnan(window.means()["loss"])
+
+
+def test_a_window_carried_through_a_checkpoint_means_the_same_steps():
+    uninterrupted, before_the_stop = LogWindow(), LogWindow()
+    for window in (uninterrupted, before_the_stop):
+        window.add({"loss": 4.0, "ce": 3.0}, 1.0)
+    resumed = LogWindow()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(before_the_stop.state_dict())))
+    for window in (uninterrupted, resumed):
+        window.add({"loss": 2.0, "ce": 1.0}, 3.0)
+    assert resumed.means() == uninterrupted.means() == {"loss": 3.0, "ce": 2.0, "grad_norm": 2.0, "grad_norm_max": 3.0}
+    assert resumed.steps == 2 and resumed.timed_steps == 1  # the rate counts the steps this process timed
+    resumed.load_state_dict({})  # a checkpoint written without a window
+    assert resumed.steps == 0 and math.isnan(resumed.means()["loss"])
 
 
 def test_eta_comes_from_the_recent_step_rate():

@@ -339,3 +339,57 @@ def test_4b9_tp8_local_shards_match_the_usage_table(rank):
             assert local[n] == (_shape(full), expected_local), n
     if rank == 0:
         assert f"**{total_local:,}**" in (Path(__file__).parents[1] / "TENSOR_PARALLEL_USAGE.md").read_text()
+
+
+# The plan checked by value: a lost tie or a norm outside sequence parallelism shows in these
+# numbers directly, before anything downstream (clipping, the optimizer) could crash on it.
+PLAN_CASES = {"tp2": dict(tp=2), "tp2_no_sp": dict(tp=2, sequence_parallel=False)}
+
+
+def _tie_and_norm_gradients(parallel_kwargs) -> dict:
+    """The parallel model's tied weight and norm gradients against one device (untied there, so the
+    two uses of the tied weight give separate gradients to add)."""
+    layout = _layout((2,), ParallelConfig(**parallel_kwargs))
+    torch.manual_seed(0)
+    reference = ArgonneModel(odd_model_config(**MODEL))
+    model = parallelize(copy.deepcopy(reference), layout)
+    reference.lm_head.weight = torch.nn.Parameter(reference.embed.weight.detach().clone())
+    tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:]).backward()
+    with loss_context(model):
+        cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    embed, lm_head = model.embed.weight, model.lm_head.weight
+    ref_params = dict(reference.named_parameters())
+    return {
+        "one_parameter": lm_head is embed,
+        "same_storage": lm_head.to_local().untyped_storage().data_ptr() == embed.to_local().untyped_storage().data_ptr(),
+        "tied_grad_error": _max_rel_err(_full(embed.grad), ref_params["embed.weight"].grad + ref_params["lm_head.weight"].grad),
+        "norm_grad_errors": {n: _max_rel_err(_full(p.grad), ref_params[n].grad)
+                             for n, p in model.named_parameters() if n.endswith("norm.weight")},
+    }
+
+
+def _plan_cases() -> dict:
+    return {name: _tie_and_norm_gradients(kwargs) for name, kwargs in PLAN_CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def plan_per_rank() -> list[dict]:
+    return run_distributed(_plan_cases, 2)
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES))
+def test_lm_head_and_embedding_are_one_parameter_with_the_sum_of_both_gradients(plan_per_rank, case):
+    for rank, results in enumerate(plan_per_rank):
+        r = results[case]
+        assert r["one_parameter"] and r["same_storage"], rank
+        assert r["tied_grad_error"] < 1e-5, (rank, r["tied_grad_error"])
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES))
+def test_every_norm_gradient_equals_single_device(plan_per_rank, case):
+    for rank, results in enumerate(plan_per_rank):
+        errors = results[case]["norm_grad_errors"]
+        assert len(errors) == 2 * MODEL["num_layers"] + 1
+        worst = max(errors.items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-5, (rank, worst)
