@@ -140,6 +140,12 @@ class TrainConfig:
     max_nonfinite_steps: int = _doc("consecutive non-finite steps tolerated before stopping", default=5)
     eval_every: int = _doc("validation every N steps (needs data.eval_paths); 0 disables", default=0)
     eval_batches: int = _doc("validation batches per evaluation; 0 means the whole held-out set", default=20)
+    downstream_every: int = _doc("multiple-choice accuracy on train.downstream_file every N steps; 0 disables",
+                                 default=0)
+    downstream_file: str = _doc("JSONL multiple-choice task (HellaSwag's ctx / endings / label, or context / "
+                                "choices / answer), given by the user: nothing is downloaded", default="")
+    downstream_questions: int = _doc("questions of train.downstream_file scored each time (the first N); 0: all",
+                                     default=0)
     loss_chunk_tokens: int = _doc("tokens per chunk of the fused lm_head + loss (pretraining at any parallel.tp, "
                                   "and distillation): its fp32 logits exist one chunk at a time; 0: full logits, "
                                   "then cross-entropy (loss_parallel under tp; not for distillation)", default=1024)
@@ -417,6 +423,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
              f"checkpoint.write_threads must be >= 1, got {config.checkpoint.write_threads}")
     t = config.train
     _require(t.dtype in ("bf16", "fp32", "auto"), f"train.dtype={t.dtype!r} must be bf16, fp32 or auto")
+    _require(t.downstream_every >= 0 and t.downstream_questions >= 0,
+             "train.downstream_every and train.downstream_questions must be >= 0")
+    _require(not t.downstream_every or bool(t.downstream_file),
+             f"train.downstream_every={t.downstream_every} needs train.downstream_file (a JSONL multiple-choice task)")
     for key in ("steps", "micro_batch_size", "grad_accum_steps"):
         _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
     _require(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0: derived), got {t.global_batch_size}")

@@ -22,6 +22,7 @@ from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_chan
 from .config import Config, ConfigError, grad_accum_steps, validate
 from .data import batches_for, data_files, shared_plan
 from .distributed import any_rank, build_layout, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype
+from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
 from .loss import next_token_loss
@@ -94,6 +95,7 @@ class Trainer:
         dtype = compute_dtype(cfg, self.device)
         self.autocast = mixed_precision(dtype, self.device)
         self.evaluator = Evaluator.for_run(cfg, self.device, self.autocast, layout) if cfg.train.eval_every else None
+        self.downstream = MultipleChoiceTask.for_run(cfg) if cfg.train.downstream_every else None
         self.model = build_model(cfg.model, layout, self.device, cfg.train.seed, dtype)
         self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
@@ -200,6 +202,17 @@ class Trainer:
         self.metrics.log(self.progress.step, {**result, "tokens_seen": self.progress.tokens_seen}, section="eval")
         record.update(result)
 
+    def downstream_if_due(self, record: dict) -> None:
+        """Multiple-choice accuracy on ``train.downstream_file`` every ``train.downstream_every`` steps."""
+        every = self.cfg.train.downstream_every
+        if not every or self.progress.step % every:
+            return
+        tokens_per_batch = self.cfg.train.micro_batch_size * self.cfg.data.seq_len  # what a training micro-batch holds
+        scores = self.downstream.score(self.model, self.device, self.autocast, self.layout, tokens_per_batch)
+        result = {f"downstream_{k}": v for k, v in scores.metrics().items()}
+        self.metrics.log(self.progress.step, {**result, "tokens_seen": self.progress.tokens_seen}, section="downstream")
+        record.update(result)
+
     def sample_if_due(self) -> None:
         """Greedy continuations of ``metrics.sample_prompts`` by the model being trained.
 
@@ -243,6 +256,7 @@ class Trainer:
                     break
                 record = self.log(self.step(micro_batches), micro_batches)
                 self.evaluate_if_due(record)
+                self.downstream_if_due(record)
                 self.sample_if_due()
                 if on_step is not None:
                     on_step(self.progress.step, record)

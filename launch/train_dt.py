@@ -10,22 +10,20 @@ import argparse
 import logging
 import sys
 
-from argonne_dt.config import ConfigError, load_config
+from argonne_dt.config import load_config
+from argonne_dt.errors import run_reporting_user_errors
 from argonne_dt.trainer import train
 
 
 def main(run=train, description: str = __doc__) -> int:
-    """Parse ``--config`` and overrides, then ``run(cfg)``; a config error exits 2 with its message."""
+    """Parse ``--config`` and overrides, then ``run(cfg)``; a config or data error exits 2 with its message
+    (printed once; ``--debug``: the traceback)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny.toml", help="bundled config name or path to a TOML file")
+    parser.add_argument("--debug", action="store_true", help="a config or data error raises with its traceback")
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(load_config(args.config, overrides))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_user_errors(lambda: run(load_config(args.config, overrides)), args.debug)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Errors the user fixes in the command (a config value, the data) end it with their message, not a traceback.
+
+Under torchrun every rank meets the same error (plans, files and batches are shared from one rank),
+so the message is printed once, by global rank 0; ``--debug`` raises it with its traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from .config import ConfigError
+from .data import DataError
+from .tokenizer import TokenizerError
+
+# What each kind of error is called in the one line a command prints.
+USER_ERRORS = {ConfigError: "config error", DataError: "data error", TokenizerError: "tokenizer error"}
+EXIT_CODE = 2
+
+
+def run_reporting_user_errors(action: Callable[[], object], debug: bool = False) -> int:
+    """``action()``; 0 when it returns, ``EXIT_CODE`` after a ``USER_ERRORS`` one (its message on
+    stderr, once), the exception itself with ``debug``."""
+    try:
+        action()
+    except tuple(USER_ERRORS) as err:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            kind = next(name for error, name in USER_ERRORS.items() if isinstance(err, error))
+            print(f"{kind}: {err}  (--debug shows the traceback)", file=sys.stderr, flush=True)
+        return EXIT_CODE
+    return 0
