@@ -1,34 +1,97 @@
-"""Memory and throughput plan per GPU for a config, parallel layout, micro-batch and checkpoint mode.
+"""The plan of a run on GPUs this machine does not have: memory per GPU, communication per step,
+predicted step time, and the layouts ranked (the command line is ``benchmarks/plan.py``).
 
-The command line is ``benchmarks/plan.py``.
+Nothing here is a byte formula written by hand for activations or collectives:
 
-Parameters, gradients and AdamW state are counted from the local shards of the really
-parallelized model, built on the meta device under a fake process group of the planned world
-size (and checked against the closed form). Activations are estimated per layer from the
-tensors autograd keeps (bf16 compute, fp32 residual stream), for each checkpoint mode.
+- parameters, gradients and AdamW state are counted from the local shards of the really
+  parallelized model, built on the meta device under a fake process group of the planned world
+  size (and checked against the closed form);
+- activations are measured: one block of the model at its real widths runs a training step on CPU
+  under bf16 autocast and a fake process group of the planned tensor-parallel degree, and
+  ``StepRecorder`` follows every storage an operator creates until it is freed. What a block keeps
+  for backward, the embedding's output, the autocast bf16 weight copies, the peak of one block's
+  backward (with its recomputation), the loss's transient per logit and what FSDP2 keeps between
+  micro-batches come from that run, per token (the bytes kept are linear in the tokens; the test
+  checks it at another shape). A GPU keeps what a CPU keeps, except that its attention kernel may
+  save a little more (``benchmarks/gpu_check.py`` measures the difference);
+- communication: ``collective_bytes`` is the closed form of every collective of one step, tested
+  equal to ``StepRecorder``'s count of a real gloo step for tp 2, dp 2 and 2 x 2.
+
+Step time = FLOPs at a stated matmul efficiency + the communication that is not overlapped, over
+stated link bandwidths (``GPUS``). Every assumption is in ``GPUS`` and ``RESERVE`` with its source.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import weakref
+from collections import Counter
+from dataclasses import astuple, dataclass, replace
 
+import torch
 import torch.distributed as dist
-
-from dataclasses import replace
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides, load_config
-from .distributed import build_layout
+from .distributed import build_layout, layout_of
 from .metrics import PEAK_BF16_FLOPS
 from .parallelize import build_model
 
-GPUS = {  # memory in GiB, bf16 peak FLOP/s
-    "a100-40gb": (40, PEAK_BF16_FLOPS["a100"]),
-    "a100-80gb": (80, PEAK_BF16_FLOPS["a100"]),
-    "h100-80gb": (80, PEAK_BF16_FLOPS["h100"]),
-    "h200-141gb": (141, PEAK_BF16_FLOPS["h200"]),
-}
-RESERVED_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack
 GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU type: memory, dense bf16 peak, and the assumptions the step time rests on.
+
+    ``matmul_efficiency``: the share of the peak that the step's FLOPs run at (large bf16 GEMMs reach
+    about 70-80% in cuBLAS; attention, norms and elementwise work lower it); the GPU check measures
+    it. ``nvlink_bytes_per_s``: one direction of one GPU's NVLink (NVSwitch within a node);
+    ``network_bytes_per_s``: one GPU's InfiniBand NIC across nodes. ``link_efficiency``: the share
+    of those that NCCL's ring collectives reach as bus bandwidth.
+    """
+
+    memory_gib: float
+    peak_flops: float
+    matmul_efficiency: float
+    nvlink_bytes_per_s: float
+    network_bytes_per_s: float
+    nccl_buffers_gib: float
+    per_node: int = 8
+    link_efficiency: float = 0.8
+
+
+# Sources: NVIDIA A100 datasheet (312 TFLOP/s dense bf16; NVLink 3: 600 GB/s per GPU, both
+# directions together) and DGX A100 user guide (8 x 200 Gb/s HDR InfiniBand, one per GPU);
+# H100 / H200 SXM datasheets (989 TFLOP/s dense bf16; NVLink 4: 900 GB/s per GPU both directions;
+# 141 GB on H200) and DGX H100 / H200 (8 x 400 Gb/s NDR, one per GPU). NCCL buffers: ~0.25 GiB per
+# communicator with the default NCCL_BUFFSIZE (4 MiB per channel and peer); NVLink SHARP (NVLS)
+# on H100 / H200 NVSwitch systems reserves about 1 GiB more per communicator (NCCL docs,
+# NCCL_NVLS_ENABLE). Matmul efficiency: an assumption, checked by the GPU check's step time.
+GPUS = {
+    "a100-40gb": Gpu(40, PEAK_BF16_FLOPS["a100"], 0.60, 300e9, 25e9, 0.25),
+    "a100-80gb": Gpu(80, PEAK_BF16_FLOPS["a100"], 0.60, 300e9, 25e9, 0.25),
+    "h100-80gb": Gpu(80, PEAK_BF16_FLOPS["h100"], 0.50, 450e9, 50e9, 1.25),
+    "h200-141gb": Gpu(141, PEAK_BF16_FLOPS["h200"], 0.50, 450e9, 50e9, 1.25),
+}
+# Per GPU, whatever the layout; NCCL buffers come per communicator (``Gpu.nccl_buffers_gib``).
+RESERVE = {
+    # CUDA context with lazy module loading (CUDA 12): 0.3-0.6 GiB observed per process (nvidia-smi
+    # after torch.cuda.init()); not yet measured on a GPU here.
+    "cuda_context_gib": 0.5,
+    # cuBLAS workspace: PyTorch sets 4 MiB x 8 (":4096:8", 32 MiB) per handle, Hopper 32 MiB x 2;
+    # one handle per stream in use (forward / backward and the NCCL side streams): 4 handles.
+    "cublas_workspace_gib": 0.25,
+}
+# Allocator slack: the caching allocator with expandable segments (the trainer's default) wastes
+# little; 5% of the planned bytes is kept free for fragmentation and for what the plan misses.
+ALLOCATOR_SLACK = 0.05
+TOKEN_BUDGET = 21.9e9  # the original run's tokens (4b9.toml's schedule)
+
 # The published architectures of Qwen2.5 teachers (their config.json): planning needs no weights.
 QWEN25_TEACHERS = {
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4),
@@ -37,51 +100,37 @@ QWEN25_TEACHERS = {
 }
 
 
-def local_parameter_count(model: ModelConfig, parallel: ParallelConfig, tp: int, dp: int,
-                          shard_root: bool = True) -> int:
-    """Rank 0's parameter elements after TP (and FSDP over dp) on the meta device, fake process group."""
+@contextlib.contextmanager
+def fake_world(world_size: int):
+    """A fake process group of ``world_size`` ranks (this process is rank 0): collectives do nothing
+    but give tensors of the right shapes, so one rank's memory and FLOPs are those of the real run."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp * dp)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        layout = build_layout(replace(parallel, tp=tp, dp=dp), "cpu")
-        built = build_model(model, layout, device="meta", shard_root=shard_root)
-        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in built.parameters())
+        yield
     finally:
         dist.destroy_process_group()
 
 
-def teacher_model(name: str, student: ModelConfig) -> ModelConfig:
-    """A Qwen2.5 teacher as the distillation builds it: biases, untied, its vocabulary cut to the student's."""
-    shape = QWEN25_TEACHERS[name]
-    return ModelConfig(vocab_size=student.vocab_size, head_dim=shape["hidden_size"] // shape["num_heads"],
-                       max_seq_len=student.max_seq_len, rope_theta=1e6, attention_bias=True, tie_embeddings=False,
-                       **shape)
+def local_parameter_count(model: ModelConfig, parallel: ParallelConfig, tp: int, dp: int,
+                          shard_root: bool = True) -> int:
+    """Rank 0's parameter elements after TP (and FSDP over dp) on the meta device, fake process group."""
+    return _local_parameter_count(astuple(model), astuple(replace(parallel, tp=tp, dp=dp)), shard_root)
 
 
-def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp: int, dp: int, batch: int, seq: int,
-                  shard_over_dp: bool, chunk: int = 1024) -> dict:
-    """Per-GPU bytes a bf16 teacher adds to a step: its weights (counted from its meta-device shards),
-    one block's forward working set (no gradients), its final hidden states kept for the loss, and
-    the loss's chunk of both models' fp32 logits with the student's replicated hidden states."""
-    model = teacher_model(name, student)
-    try:
-        check_tp_divides(model, tp)
-    except ConfigError as err:
-        return {"runs": False, "reason": str(err)}
-    params = local_parameter_count(model, parallel, tp, dp if shard_over_dp else 1, shard_root=False)
-    bt, d, f = batch * seq, model.hidden_size, model.ffn_dim
-    kv = model.num_kv_heads * model.head_dim
-    seq_shard = tp if parallel.sequence_parallel and tp > 1 else 1
-    block = bt * (4 * d / seq_shard + 2 * d + 2 * (2 * d + 2 * kv) / tp + 6 * f / tp)
-    kept = 2 * bt * d + 2 * 4 * bt * student.hidden_size  # teacher states (bf16); student's and their gradient
-    kl = 8 * chunk * math.ceil(student.vocab_size / tp) * 4  # both models' logits, log-softmaxes, the gradient
-    forward_flops = build_model(model, device="meta").flops_per_token(seq) / 3  # forward: a third of fwd + bwd
-    return {"runs": True, "local_parameters": params, "weights": 2 * params, "activations": block + kept,
-            "kl_chunks": kl, "total": 2 * params + block + kept + kl,
-            # The teacher's forward, its lm_head included; the student's logits and their two gradient
-            # matmuls replace pretraining's fused loss one for one.
-            "flops_per_token": forward_flops}
+@functools.lru_cache(maxsize=None)
+def _local_parameter_count(model_key: tuple, parallel_key: tuple, shard_root: bool) -> int:
+    parallel = ParallelConfig(*parallel_key)
+    with fake_world(parallel.tp * parallel.dp):
+        layout = build_layout(parallel, "cpu")
+        built = build_model(ModelConfig(*model_key), layout, device="meta", shard_root=shard_root)
+        return sum(_local(p).numel() for p in built.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_per_token(model_key: tuple, seq: int) -> float:
+    return build_model(ModelConfig(*model_key), device="meta").flops_per_token(seq)
 
 
 def closed_form_parameters(m, tp: int, dp: int) -> int:
@@ -103,66 +152,507 @@ def closed_form_parameters(m, tp: int, dp: int) -> int:
     return fsdp(vocab_rows, m.hidden_size) + m.num_layers * layer + fsdp(m.hidden_size)
 
 
-def activation_bytes(m, batch: int, seq: int, tp: int, sp: bool, ac: str) -> dict:
-    """Bytes kept for backward per GPU: per layer, for all layers, and for the logits / loss."""
-    bt, d, f = batch * seq, m.hidden_size, m.ffn_dim
-    kv = m.num_kv_heads * m.head_dim
-    seq_shard = tp if sp else 1
-    norm_inputs = 2 * 4 * bt * d / seq_shard                     # fp32 residual stream into both norms
-    gathered_inputs = 2 * 2 * bt * d                              # bf16 inputs of qkv and gate/up (full sequence)
-    attention = (2 * 2 * bt * (d + 2 * kv)                        # q, k, v before and after rotary
-                 + 2 * bt * d + 4 * bt * m.num_heads) / tp       # attention output, logsumexp
-    mlp = 4 * 2 * bt * f / tp                                     # gate, up, silu(gate), product
-    layer_full = norm_inputs + gathered_inputs + attention + mlp
-    block_input = 4 * bt * d / seq_shard
-    if ac == "none":
-        layers = m.num_layers * layer_full
-    elif ac == "full":  # each block keeps its input; one block is recomputed at a time
-        layers = m.num_layers * block_input + layer_full
-    else:  # selective (op level): matmul and attention outputs are kept, the rest recomputed
-        kept = (2 * bt * (d + 2 * kv) + 2 * bt * d + 4 * bt * m.num_heads + 2 * 2 * bt * f) / tp + 2 * 2 * bt * d / seq_shard
-        layers = m.num_layers * (block_input + kept) + layer_full
-    # Logits (vocab-sharded under TP): bf16 output, fp32 copy, fp32 gradient.
-    logits = bt * math.ceil(m.vocab_size / tp) * (2 + 4 + 4) if tp > 1 else 1024 * m.vocab_size * 4 * 2
-    return {"per_layer": layer_full, "layers": layers, "logits": logits, "total": layers + logits}
+def block_parameters(m: ModelConfig, tp: int) -> int:
+    """One block's parameter elements on one tp rank (matrices split over tp, norms replicated)."""
+    return (m.hidden_size * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.hidden_size * m.ffn_dim) // tp \
+        + 2 * m.hidden_size
 
 
-def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | None, ac: str, sp: bool, mfu: float,
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    # The storage's own address: unique while it lives, and defined on the meta device too.
+    return tensor.untyped_storage()._cdata
+
+
+class StepRecorder(TorchDispatchMode):
+    """Every storage that an operator creates, alive until freed, and every collective's bytes.
+
+    Under DTensor it sees the local operators and the collectives that DTensor issues (it lets
+    DTensor unwrap first, as ``CommDebugMode`` does). Storages are followed by weak references,
+    so ``live_bytes()`` is what is held at that moment and ``peak`` the most since ``mark()``.
+
+    ``sizes`` maps a dimension's measured length to the length it stands for (the measured
+    sequence to the planned micro-batch's tokens, a measured vocabulary shard to the real one):
+    every storage is counted at the bytes its tensor would have at the planned shape, so the
+    peak of a small run is the peak of the planned one (the measured lengths are chosen to
+    differ from every other dimension of the model). A storage is tagged with ``phase`` as set
+    when it was created; an autocast copy of a parameter (``aten._to_copy`` of a parameter's
+    storage) is tagged ``weight_copy``. Collectives: bytes of the whole tensor of each (an
+    all-gather's output, a reduce-scatter's input, an all-reduce's tensor), by (collective, mesh
+    dim name, or ``world``).
+    """
+
+    COLLECTIVES = {"all_gather_into_tensor": "all_gather", "_allgather_base_": "all_gather",
+                   "allgather_into_tensor_coalesced_": "all_gather",
+                   "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base_": "reduce_scatter",
+                   "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+                   "all_reduce": "all_reduce", "allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce",
+                   "broadcast": "broadcast", "broadcast_": "broadcast"}
+
+    def __init__(self, group_dims: dict[str, str] | None = None, parameters=(), sizes: dict[int, int] | None = None):
+        super().__init__()
+        self.group_dims = group_dims or {}
+        self.sizes = sizes or {}
+        self.parameter_keys = {_storage_key(_local(p)) for p in parameters}
+        self.live: dict[int, tuple[int, str]] = {}
+        self.phase = "other"
+        self.current = 0
+        self.peak = 0
+        self.collectives: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        if name in self.COLLECTIVES:
+            self._count(self.COLLECTIVES[name], func, args, kwargs)
+        from_parameter = name == "_to_copy" and _storage_key(args[0]) in self.parameter_keys
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._follow(tensor, "weight_copy" if from_parameter else self.phase)
+        return out
+
+    def _count(self, kind: str, func, args, kwargs) -> None:
+        flat = tree_flatten((args, kwargs))[0]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        group = next(a for a in flat if isinstance(a, torch.ScriptObject)
+                     or (isinstance(a, str) and a in self.group_dims))
+        if isinstance(group, torch.ScriptObject):
+            group = dist.ProcessGroup.unbox(group).group_name
+        dim = self.group_dims.get(group, str(group))
+        if func.namespace == "c10d":  # (output, input) of in-place c10d collectives
+            size = tensors[1].nbytes if kind == "reduce_scatter" else tensors[0].nbytes
+        else:  # functional: (input, ...), an all-gather's output is the group size times bigger
+            size = tensors[0].nbytes * (_int_arg(flat) if kind == "all_gather" else 1)
+        self.collectives[(kind, dim)] += size
+
+    def _follow(self, tensor: torch.Tensor, phase: str) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except RuntimeError:  # a collective's result under the fake process group has no storage
+            return
+        key = storage._cdata
+        if key in self.live or key in self.parameter_keys or not storage.nbytes():
+            return
+        size = storage.nbytes()
+        if self.sizes and size == tensor.numel() * tensor.element_size():
+            size = tensor.element_size() * math.prod(self.sizes.get(n, n) for n in tensor.shape)
+        self.live[key] = (size, phase)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, (0, ""))[0]
+
+    def mark(self) -> int:
+        """Restart the peak from the current level; returns that level."""
+        self.peak = self.current
+        return self.current
+
+    def live_bytes(self, phase: str | None = None) -> int:
+        return sum(size for size, tag in self.live.values() if phase is None or tag == phase)
+
+
+def _int_arg(flat) -> int:
+    return next(a for a in flat if isinstance(a, int) and not isinstance(a, bool))
+
+
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def group_dims(layout) -> dict[str, str]:
+    """Process group name -> the mesh dim it is (``tp``, ``dp``), or ``world`` for the default group."""
+    dims = {dist.group.WORLD.group_name: "world"}
+    names = layout.mesh.mesh_dim_names
+    for name in names:
+        dims[(layout.mesh[name] if len(names) > 1 else layout.mesh).get_group().group_name] = name
+    return dims
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Measured bytes of one rank at the planned micro-batch (see ``measured_activations``)."""
+
+    block_kept: int             # one block, kept from its forward to its backward
+    embedding_kept: int         # the embedding's output and what its backward keeps
+    block_backward_peak: int    # above everything kept, during one block's backward (recompute included)
+    weight_copies_per_block: int  # autocast's bf16 copies of one block's weights, kept forward to backward
+    loss_peak: int              # the loss's transient (its forward and backward) above everything kept
+    loss_chunk: int             # tokens whose logits exist at once (0: the whole micro-batch)
+
+
+def _filled(model) -> None:
+    """Parameters set to a small constant and gradients to zeros (accumulation adds in place, as from
+    the second micro-batch on): the memory of a step does not depend on the values, and seeded
+    initialization of a 4b9 block takes 15 s on this CPU."""
+    with torch.no_grad():
+        for param in model.parameters():
+            _local(param).fill_(0.01)
+            param.grad = torch.zeros_like(param)
+
+
+def _step_layout(tp: int, dp: int, sp: bool, ac: str):
+    return build_layout(ParallelConfig(tp=tp, dp=dp, sequence_parallel=sp, activation_checkpoint=ac), "cpu")
+
+
+@contextlib.contextmanager
+def _fake_tensors(model):
+    """Allocate the meta-device ``model`` as fake CPU tensors (shapes, dtypes and storages without
+    memory or arithmetic): a step at the planned shape costs no time, whatever its size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        model.init_buffers()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.grad = torch.zeros_like(param)
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq: int) -> ActivationBytes:
+    m = ModelConfig(*model_key)
+    # One block at the real widths; a vocabulary of 64 rows per rank keeps the embedding out of the way.
+    one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
+    with fake_world(tp):
+        layout = _step_layout(tp, 1, sp, ac)
+        model = build_model(one_block, layout, device="meta")
+        with _fake_tensors(model):
+            recorder = StepRecorder(group_dims(layout), model.parameters())
+            after_block = {}
+
+            def phase(name, record=False):
+                def hook(*_):
+                    recorder.phase = name
+                    if record:
+                        after_block.update({tag: recorder.live_bytes(tag) for tag in ("embedding", "block", "weight_copy")})
+                return hook
+
+            model.embed.register_forward_pre_hook(phase("embedding"))
+            model.layers[0].register_forward_pre_hook(phase("block"))
+            model.layers[0].register_forward_hook(phase("head", record=True))
+            ids = torch.zeros(micro_batch, seq, dtype=torch.long)
+            with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+                hidden = _local(model(ids, head=lambda model, hidden, targets: hidden))
+                kept = recorder.mark()
+                # The block's backward alone: its output's gradient arrives as the loss's would.
+                hidden.backward(torch.ones_like(hidden))
+            backward_peak = recorder.peak - kept
+    loss_peak, chunk = _measure_loss(model_key, tp, sp, micro_batch * seq)
+    return ActivationBytes(after_block["block"], after_block["embedding"], max(0, backward_peak),
+                           after_block["weight_copy"], loss_peak, chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int) -> tuple[int, int]:
+    """The loss's transient peak (its forward and backward, by the model's own loss path) at the
+    planned tokens and the real vocabulary shard, from a run at the real hidden width with three
+    chunks of a few tokens and a small vocabulary shard; and the loss's chunk of tokens."""
+    from .loss import loss_context
+
+    m = ModelConfig(*model_key)
+    rows, chunk_measured = 521, 37 * tp  # lengths no other dimension of the planned models has
+    seq = 3 * chunk_measured
+    small = replace(m, num_layers=1, vocab_size=rows * tp, num_heads=tp, num_kv_heads=tp, head_dim=8,
+                    intermediate_size=64 * tp, max_seq_len=seq)
+    with fake_world(tp):
+        layout = _step_layout(tp, 1, sp, "none")
+        model = build_model(small, layout, device="cpu")
+        _filled(model)
+        chunk = getattr(model, "fused_loss_chunk", 0)
+        if chunk:
+            model.fused_loss_chunk = chunk_measured
+        in_flight = min(chunk, tokens) if chunk else tokens
+        sizes = {rows: math.ceil(m.vocab_size / tp), seq: tokens, chunk_measured: in_flight}
+        if tp > 1:
+            sizes[seq // tp] = tokens // tp
+        ids = torch.zeros(1, seq, dtype=torch.long)
+        recorder = StepRecorder(group_dims(layout), model.parameters(), sizes)
+        with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model):
+            hidden = model(ids, head=lambda model, hidden, targets: hidden).detach().requires_grad_()
+            with recorder:
+                start = recorder.mark()
+                model.loss_from_hidden(hidden, ids).backward()
+    return recorder.peak - start, chunk
+
+
+def measured_activations(m: ModelConfig, tp: int, sp: bool, ac: str, micro_batch: int, seq: int) -> ActivationBytes:
+    """``ActivationBytes`` of model ``m`` at tensor-parallel degree ``tp`` for a micro-batch of
+    ``micro_batch`` x ``seq`` tokens, measured (once per process): one block's training step at
+    the planned shape on fake tensors under a fake process group of ``tp`` ranks; the loss's
+    transient from a small real run (``_measure_loss``)."""
+    return _measure(astuple(m), tp, sp and tp > 1, ac, micro_batch, seq)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_fsdp_retained(model_key: tuple, tp: int, micro_batch: int, seq: int) -> int:
+    """Bytes per block that FSDP2 keeps from one micro-batch to the next without gradient sync
+    (gradient accumulation): measured after a backward under ``set_requires_gradient_sync(False)``
+    with the block sharded over a fake dp of 2, on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = ModelConfig(*model_key)
+    one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
+    with fake_world(tp * 2):
+        layout = _step_layout(tp, 2, tp > 1, "none")
+        model = build_model(one_block, layout, device="meta", param_dtype=torch.bfloat16)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            model.init_buffers()
+            recorder = StepRecorder(group_dims(layout), model.parameters())
+            model.set_requires_gradient_sync(False)
+            with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+                hidden = _local(model(torch.zeros(micro_batch, seq, dtype=torch.long),
+                                      head=lambda model, hidden, targets: hidden))
+                hidden.backward(torch.ones_like(hidden))
+                del hidden
+            # The root's share (a vocabulary of 64 rows per rank) is negligible beside a block's.
+            return recorder.live_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication
+
+
+def _local_tensor_shapes(m: ModelConfig, tp: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(one block's, the root's) parameter shapes on tp rank 0: matrices split over tp (the
+    vocabulary by torch.chunk), norms whole; 1-D tensors as (rows, 1)."""
+    q, kv, f, d = m.num_heads * m.head_dim // tp, m.num_kv_heads * m.head_dim // tp, m.ffn_dim // tp, m.hidden_size
+    block = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f), (d, 1), (d, 1)]
+    if m.attention_bias:
+        block += [(q, 1), (kv, 1), (kv, 1)]
+    vocab = (math.ceil(m.vocab_size / tp), d)
+    root = [vocab, (d, 1)] + ([] if m.tie_embeddings else [vocab])
+    return block, root
+
+
+def collective_bytes(m: ModelConfig, tp: int, dp: int, ac: str, micro_batch: int, seq: int, micro_batches: int,
+                     reshard_after_forward: bool = True, terms: int = 1) -> Counter:
+    """Bytes of every collective of one optimizer step on tp rank 0, by (collective, mesh dim):
+    whole tensors (an all-gather's output, a reduce-scatter's input, an all-reduce's tensor), as
+    ``StepRecorder`` counts them; tested equal to its count of the real step for tp 2, dp 2 and 2 x 2.
+    Tensor parallelism with sequence parallelism (the default; the planner plans no other), bf16
+    autocast, FSDP2 gathering in bf16 and reducing in fp32.
+    """
+    counts: Counter = Counter()
+    block, root = _local_tensor_shapes(m, tp)
+    layers, width = m.num_layers, m.hidden_size
+    if tp > 1:
+        activation = 2 * micro_batch * seq * width                # bf16 (tokens x hidden)
+        embedding = activation * (1 if dp > 1 else 2)             # in the weights' dtype: bf16 under FSDP2, else fp32
+        recompute = ac in ("full", "selective")                   # the block's forward again in backward
+        # Forward: each block gathers its attention and MLP inputs onto the whole sequence and
+        # reduce-scatters the outputs of o_proj and down_proj; the embedding's partial sums are
+        # reduce-scattered, the lm_head's input gathered. Backward: each the other way round.
+        # Recomputation stops after the last saved tensor it needs: down_proj's reduction is not redone.
+        gathers = 2 * layers * activation + activation + 2 * layers * activation + embedding
+        scatters = 2 * layers * activation + embedding + 2 * layers * activation + activation
+        if recompute:
+            gathers += 2 * layers * activation
+            scatters += layers * activation
+        # The loss's reductions over the vocabulary shards (fp32: the max, then the sum of exponentials
+        # with the target's logit) and the gradients of the replicated norm weights (their dp shard).
+        reductions = 3 * 4 * micro_batch * seq + 4 * (2 * layers + 1) * math.ceil(width / dp)
+        counts[("all_gather", "tp")] += micro_batches * gathers
+        counts[("reduce_scatter", "tp")] += micro_batches * scatters
+        counts[("all_reduce", "tp")] += micro_batches * reductions
+    if dp > 1:
+        def padded(shapes):  # FSDP2 pads dim 0 to a multiple of dp
+            return sum(math.ceil(rows / dp) * dp * cols for rows, cols in shapes)
+
+        gathers_per_block = 2 if reshard_after_forward else 1    # forward, and again for backward
+        counts[("all_gather", "dp")] += micro_batches * 2 * (gathers_per_block * layers * padded(block) + padded(root))
+        # Gradients reduce-scattered once per step (after the last micro-batch), in fp32.
+        counts[("reduce_scatter", "dp")] += 4 * (layers * padded(block) + padded(root))
+    # Gradient clipping: the per-tensor norms (fp32) reduced over each sharded mesh dim.
+    tensors = layers * len(block) + len(root)
+    for dim, size in (("tp", tp), ("dp", dp)):
+        if size > 1:
+            counts[("all_reduce", dim)] += 4 * tensors
+    # The step's loss terms averaged over the world (fp32), on the default group.
+    world = "world" if tp > 1 and dp > 1 else "tp" if tp > 1 else "dp" if dp > 1 else None
+    if world:
+        counts[("all_reduce", world)] += 4 * terms
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def teacher_model(name: str, student: ModelConfig) -> ModelConfig:
+    """A Qwen2.5 teacher as the distillation builds it: biases, untied, its vocabulary cut to the student's."""
+    shape = QWEN25_TEACHERS[name]
+    return ModelConfig(vocab_size=student.vocab_size, head_dim=shape["hidden_size"] // shape["num_heads"],
+                       max_seq_len=student.max_seq_len, rope_theta=1e6, attention_bias=True, tie_embeddings=False,
+                       **shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_teacher_forward(model_key: tuple, tp: int, sp: bool, micro_batch: int, seq: int) -> tuple[int, int]:
+    """(peak above what it keeps, what it keeps) of a bf16 teacher block's forward without gradients,
+    at the planned shape on fake tensors: the teacher's working set beside the student's step."""
+    m = ModelConfig(*model_key)
+    one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
+    with fake_world(tp):
+        layout = _step_layout(tp, 1, sp, "none")
+        model = build_model(one_block, layout, device="meta", weights_dtype=torch.bfloat16)
+        with _fake_tensors(model):
+            recorder = StepRecorder(group_dims(layout), model.parameters())
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+                hidden = model(torch.zeros(micro_batch, seq, dtype=torch.long),
+                               head=lambda model, hidden, targets: hidden)
+                return recorder.peak - recorder.live_bytes(), recorder.live_bytes()
+
+
+def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp: int, dp: int, batch: int, seq: int,
+                  shard_over_dp: bool, chunk: int = 1024) -> dict:
+    """Per-GPU bytes a bf16 teacher adds to a step: its weights (counted from its meta-device shards),
+    its forward's working set and the final hidden states it keeps for the loss (measured), and the
+    distillation loss's chunk (the loss module's own count)."""
+    from .loss import fused_loss_bytes
+
+    model = teacher_model(name, student)
+    try:
+        check_tp_divides(model, tp)
+    except ConfigError as err:
+        return {"runs": False, "reason": str(err)}
+    params = local_parameter_count(model, parallel, tp, dp if shard_over_dp else 1, shard_root=False)
+    working, kept = _measure_teacher_forward(astuple(model), tp, parallel.sequence_parallel and tp > 1, batch, seq)
+    kl = fused_loss_bytes(min(chunk, batch * seq), math.ceil(student.vocab_size / tp), torch.bfloat16,
+                          distillation=True)
+    forward_flops = _flops_per_token(astuple(model), seq) / 3  # forward: a third of fwd + bwd
+    return {"runs": True, "local_parameters": params, "weights": 2 * params, "activations": working + kept,
+            "kl_chunks": kl, "total": 2 * params + working + kept + kl,
+            # The teacher's forward, its lm_head included; the student's logits and their two gradient
+            # matmuls replace pretraining's fused loss one for one.
+            "flops_per_token": forward_flops}
+
+
+def _ring_seconds(counts: Counter, dim: str, ranks: int, bytes_per_s: float) -> float:
+    """NCCL ring time of the collectives on ``dim``: each rank moves (n-1)/n of an all-gather's or
+    reduce-scatter's whole tensor, twice that for an all-reduce."""
+    moved = sum(size * (2 if kind == "all_reduce" else 1) for (kind, d), size in counts.items() if d == dim)
+    return moved * (ranks - 1) / ranks / bytes_per_s if ranks > 1 else 0.0
+
+
+def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | None, ac: str,
          teacher: str | None = None, teacher_fsdp: bool = False) -> dict:
-    """The per-GPU memory and predicted speed of a run; with ``teacher`` (a Qwen2.5 name), of distilling from it."""
+    """Per-GPU memory, communication and predicted step time of a run with tensor parallelism
+    ``tp`` (with sequence parallelism) x FSDP2 over ``dp`` on ``gpu``; with ``teacher`` (a Qwen2.5
+    name), of distilling from it. One optimizer step is the config's ``train.global_batch_size``."""
     cfg = load_config(config)
+    m, gpu_spec = cfg.model, GPUS[gpu]
     seq = seq or cfg.data.seq_len
-    cfg.parallel.sequence_parallel = sp
-    params = local_parameter_count(cfg.model, cfg.parallel, tp, dp)
-    expected = closed_form_parameters(cfg.model, tp, dp)
+    sequences = cfg.train.global_batch_size or cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    micro_batches = sequences // (micro_batch * dp)
+    if micro_batches < 1 or sequences % (micro_batch * dp):
+        raise ConfigError(f"{sequences} sequences per step (train.global_batch_size) cannot be split into "
+                          f"micro-batches of {micro_batch} on {dp} dp ranks")
+    check_tp_divides(m, tp)
+    params = local_parameter_count(m, cfg.parallel, tp, dp)
+    expected = closed_form_parameters(m, tp, dp)
     if params != expected:
         raise AssertionError(f"meta-device shards hold {params:,} parameters, the closed form says {expected:,}")
-    memory_gib, peak = GPUS[gpu]
-    acts = activation_bytes(cfg.model, micro_batch, seq, tp, sp and tp > 1, ac)
-    states = {"parameters_fp32": 4 * params, "gradients_fp32": 4 * params, "adamw_state_fp32": 8 * params}
-    total = sum(states.values()) + acts["total"] + RESERVED_GIB * GIB
-    flops_per_token = build_model(cfg.model, device="meta").flops_per_token(seq)
+    reshard = tp * dp <= gpu_spec.per_node  # parallelize.reshard_after_forward's "auto": dp within a node
+    acts = measured_activations(m, tp, True, ac, micro_batch, seq)
+    memory = {"parameters_fp32": 4 * params, "gradients_fp32": 4 * params, "adamw_state_fp32": 8 * params,
+              "activations_kept": acts.embedding_kept + m.num_layers * acts.block_kept,
+              "transient_peak": max(acts.block_backward_peak, acts.loss_peak)}
+    _, root_shapes = _local_tensor_shapes(m, tp)
+    if dp == 1:  # autocast's bf16 weight copies live from a block's forward to the end of its backward
+        memory["autocast_weight_copies"] = m.num_layers * acts.weight_copies_per_block
+    else:  # FSDP2 gathers bf16 weights: the root's for the whole step, two blocks at a time (or all kept)
+        blocks_gathered = 2 if reshard else m.num_layers
+        memory["fsdp_gathered_bf16"] = 2 * (blocks_gathered * block_parameters(m, tp)
+                                            + sum(r * c for r, c in root_shapes))
+        if micro_batches > 1:
+            memory["fsdp_accumulated_gradients"] = m.num_layers * measured_fsdp_retained(astuple(m), tp, micro_batch, seq)
+    flops_per_token = _flops_per_token(astuple(m), seq)
+    # Recomputation: full checkpointing runs each block's forward again (a third of its share of the
+    # FLOPs); selective keeps the matmul and attention outputs, so what it recomputes costs no FLOPs.
+    lm_head = 6 * m.vocab_size * m.hidden_size
+    executed_per_token = flops_per_token + ((flops_per_token - lm_head) / 3 if ac == "full" else 0)
     distilling = {}
     if teacher:
-        extra = teacher_bytes(teacher, cfg.model, cfg.parallel, tp, dp, micro_batch, seq, teacher_fsdp)
+        extra = teacher_bytes(teacher, m, cfg.parallel, tp, dp, micro_batch, seq, teacher_fsdp)
         distilling = {"teacher": teacher, "teacher_fsdp": teacher_fsdp, "teacher_runs": extra["runs"],
                       "teacher_reason": extra.get("reason", "")}
         if extra["runs"]:
-            total += extra["total"]
+            memory["teacher_weights_bf16"] = extra["weights"]
+            memory["teacher_forward"] = extra["activations"]
+            memory["distillation_loss_chunk"] = extra["kl_chunks"]
+            memory["transient_peak"] = max(acts.block_backward_peak, extra["kl_chunks"])
             flops_per_token += extra["flops_per_token"]
-            distilling.update({"teacher_local_parameters": extra["local_parameters"],
-                               "teacher_weights_bf16_gib": extra["weights"] / GIB,
-                               "teacher_activations_gib": extra["activations"] / GIB,
-                               "kl_chunks_gib": extra["kl_chunks"] / GIB})
-    tokens_per_s = tp * dp * peak * mfu / flops_per_token
-    fits = total / GIB <= memory_gib and distilling.get("teacher_runs", True)
+            executed_per_token += extra["flops_per_token"]
+            distilling["teacher_local_parameters"] = extra["local_parameters"]
+    communicators = (tp > 1) + (dp > 1) + (tp > 1 and dp > 1)  # tp, dp and the world group
+    reserve = {"cuda_context": RESERVE["cuda_context_gib"] * GIB, "cublas_workspace": RESERVE["cublas_workspace_gib"] * GIB,
+               "nccl_buffers": communicators * gpu_spec.nccl_buffers_gib * GIB}
+    reserve["allocator_slack"] = ALLOCATOR_SLACK * (sum(memory.values()) + sum(reserve.values()))
+    total = sum(memory.values()) + sum(reserve.values())
+
+    # Time of one optimizer step on one GPU.
+    step_tokens = sequences * seq
+    gpus = tp * dp
+    compute_s = step_tokens * executed_per_token / gpus / (gpu_spec.peak_flops * gpu_spec.matmul_efficiency)
+    counts = collective_bytes(m, tp, dp, ac, micro_batch, seq, micro_batches, reshard)
+    nvlink = gpu_spec.nvlink_bytes_per_s * gpu_spec.link_efficiency
+    dp_link = nvlink if gpus <= gpu_spec.per_node else gpu_spec.network_bytes_per_s * gpu_spec.link_efficiency
+    tp_s = _ring_seconds(counts, "tp", tp, nvlink)  # DTensor runs them in line with the compute: exposed
+    dp_s = _ring_seconds(counts, "dp", dp, dp_link)
+    # FSDP2 prefetches the next block's gather and reduce-scatters behind the backward: exposed only
+    # where it outlasts the compute it hides behind, plus the first block's gather of each micro-batch.
+    first_gather = dp_s / max(1, 2 * m.num_layers + 1) * micro_batches if dp > 1 else 0.0
+    exposed_dp_s = max(0.0, dp_s - compute_s) + first_gather
+    step_s = compute_s + tp_s + exposed_dp_s
+    tokens_per_s = step_tokens / step_s
+    budget = cfg.train.steps * step_tokens if cfg.train.steps else TOKEN_BUDGET
+    fits = total <= gpu_spec.memory_gib * GIB and distilling.get("teacher_runs", True)
     return {
-        "config": config, "gpu": gpu, "tp": tp, "dp": dp, "micro_batch": micro_batch, "seq_len": seq,
-        "activation_checkpoint": ac, "sequence_parallel": sp, "local_parameters": params,
-        **{f"{k}_gib": v / GIB for k, v in states.items()},
-        "activations_per_layer_gib": acts["per_layer"] / GIB, "activations_gib": acts["layers"] / GIB,
-        "logits_and_loss_gib": acts["logits"] / GIB, "reserved_gib": RESERVED_GIB,
-        **distilling, "total_gib": total / GIB, "gpu_gib": memory_gib, "fits": fits,
-        "mfu": mfu, "predicted_tokens_per_s": tokens_per_s,
-        "predicted_days_for_21.9B_tokens": 21.9e9 / tokens_per_s / 86400,
+        "config": config, "gpu": gpu, "gpus": gpus, "tp": tp, "dp": dp, "micro_batch": micro_batch,
+        "micro_batches": micro_batches, "seq_len": seq, "activation_checkpoint": ac, "sequence_parallel": tp > 1,
+        "local_parameters": params, **distilling,
+        "memory_gib": {k: v / GIB for k, v in memory.items()}, "reserve_gib": {k: v / GIB for k, v in reserve.items()},
+        "activations_per_layer_gib": acts.block_kept / GIB, "loss_chunk": acts.loss_chunk,
+        "total_gib": total / GIB, "gpu_gib": gpu_spec.memory_gib, "fits": fits,
+        "collective_bytes": {f"{kind}/{dim}": size for (kind, dim), size in sorted(counts.items())},
+        "compute_s": compute_s, "tp_comm_s": tp_s, "dp_comm_s": dp_s, "exposed_dp_comm_s": exposed_dp_s,
+        "step_s": step_s, "predicted_tokens_per_s": tokens_per_s,
+        "mfu": flops_per_token * tokens_per_s / (gpus * gpu_spec.peak_flops),
+        "token_budget": budget, "predicted_days": budget / tokens_per_s / 86400,
+        "assumptions": {"matmul_efficiency": gpu_spec.matmul_efficiency, "nvlink_GBps": gpu_spec.nvlink_bytes_per_s / 1e9,
+                        "network_GBps": gpu_spec.network_bytes_per_s / 1e9, "link_efficiency": gpu_spec.link_efficiency,
+                        "gpus_per_node": gpu_spec.per_node},
     }
+
+
+def layouts(config: str, gpus: int, gpu: str, teacher: str | None = None, teacher_fsdp: bool = False) -> list[dict]:
+    """Every layout of ``gpus`` GPUs (tp within a node x dp, checkpoint mode, micro-batch) that fits,
+    fastest first (then the least memory)."""
+    cfg = load_config(config)
+    sequences = cfg.train.global_batch_size or cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    rows = []
+    for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and t <= GPUS[gpu].per_node):
+        try:
+            check_tp_divides(cfg.model, tp)
+        except ConfigError:
+            continue
+        dp = gpus // tp
+        for micro_batch in (b for b in (1, 2, 4, 8, 16) if sequences % (b * dp) == 0):
+            for ac in ("none", "selective", "full"):
+                rows.append(plan(config, tp, dp, gpu, micro_batch, None, ac, teacher, teacher_fsdp))
+    fitting = [r for r in rows if r["fits"]]
+    # At equal predicted speed, less recomputation (selective's norms and activations are memory-bound
+    # work the FLOP count leaves out), then less memory.
+    recompute = {"none": 0, "selective": 1, "full": 2}
+    return sorted(fitting, key=lambda r: (-round(r["predicted_tokens_per_s"]), recompute[r["activation_checkpoint"]],
+                                          r["total_gib"]))
