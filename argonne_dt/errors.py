@@ -19,6 +19,15 @@ USER_ERRORS = {ConfigError: "config error", DataError: "data error", TokenizerEr
 EXIT_CODE = 2
 
 
+def message_of(err: Exception) -> str:
+    """The error's own message, on one line. One re-raised from a torchdata worker thread carries the
+    thread's traceback in its text: the message is what follows the traceback's last exception name."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rsplit(f"{type(err).__module__}.{type(err).__qualname__}: ", 1)[-1]
+    return " ".join(text.split())
+
+
 def run_reporting_user_errors(action: Callable[[], object], debug: bool = False) -> int:
     """``action()``; 0 when it returns, ``EXIT_CODE`` after a ``USER_ERRORS`` one (its message on
     stderr, once), the exception itself with ``debug``."""
@@ -29,6 +38,6 @@ def run_reporting_user_errors(action: Callable[[], object], debug: bool = False)
             raise
         if os.environ.get("RANK", "0") == "0":
             kind = next(name for error, name in USER_ERRORS.items() if isinstance(err, error))
-            print(f"{kind}: {err}  (--debug shows the traceback)", file=sys.stderr, flush=True)
+            print(f"{kind}: {message_of(err)}  (--debug shows the traceback)", file=sys.stderr, flush=True)
         return EXIT_CODE
     return 0
