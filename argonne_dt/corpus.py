@@ -9,6 +9,8 @@ a held-out split, then cached.
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -113,8 +115,9 @@ def default_cache_dir() -> Path:
 
 
 def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = None) -> Path:
-    """The directory of the sample corpus's training shards, built on first use (atomically: safe for
-    many ranks); its held-out split is in ``HELD_OUT_DIR`` below it (see ``sample_held_out``).
+    """The directory of the sample corpus's training shards, built on first use by one process while the
+    others (all ranks ask for it) wait; its held-out split is in ``HELD_OUT_DIR`` below it (see
+    ``sample_held_out``).
 
     The documents are in a shuffled order fixed by a seed (module order would put the easy,
     alphabetically first modules at the start of every run); every 20th of that order is held out.
@@ -125,6 +128,26 @@ def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = N
     if (target / "COMPLETE").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds it; the others (every rank calls this) wait here and find it complete.
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if not (target / "COMPLETE").exists():
+            _build_sample_corpus(target, max_files)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Held by one process (or thread) at a time: an advisory lock on ``lock_path``, released on exit,
+    also when the holder dies."""
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_sample_corpus(target: Path, max_files: int | None) -> None:
     print(f"building the sample corpus in {target} (once; stdlib docstrings)...", file=sys.stderr, flush=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
@@ -138,13 +161,12 @@ def sample_corpus(cache_dir: str | Path | None = None, max_files: int | None = N
         (building / "COMPLETE").write_text(json.dumps({"shards": len(paths), "held_out_documents": len(held_out)}))
         try:
             os.rename(building, target)
-        except OSError:  # another rank finished first; its copy is identical
+        except OSError:  # a process on another machine (a shared cache without locks) finished first: identical
             if not (target / "COMPLETE").exists():
                 raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
     print(f"sample corpus ready: {len(list(target.glob('*.parquet')))} shards", file=sys.stderr, flush=True)
-    return target
 
 
 def sample_held_out(cache_dir: str | Path | None = None, max_files: int | None = None) -> Path:

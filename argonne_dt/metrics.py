@@ -6,12 +6,16 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+# Longest text (a sample) on one console line.
+CONSOLE_TEXT_CHARS = 200
 
 # Dense bf16 peak per device, FLOP/s (vendor figures, no sparsity).
 PEAK_BF16_FLOPS = {
@@ -218,9 +222,10 @@ class MetricsLogger:
                 self.writer.add_scalar("train/loss_vs_tokens", scalars["loss"], int(scalars["tokens_seen"]))
 
     def text(self, step: int, tag: str, text: str) -> None:
+        """A text (a sample): one line on the console (``one_line``); as it is in metrics.jsonl and TensorBoard."""
         if not self.enabled:
             return
-        print(f"step {step:>7} | {tag}: {text}", flush=True)
+        print(f"step {step:>7} | {tag}: {one_line(text)}", flush=True)
         self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
@@ -230,6 +235,13 @@ class MetricsLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def one_line(text: str, limit: int = CONSOLE_TEXT_CHARS) -> str:
+    """``text`` for one console line: a run of whitespace with a newline in it becomes ``\\n``, any other
+    run one space, and more than ``limit`` characters are cut (ending in ``...``)."""
+    text = re.sub(r"\s+", lambda run: "\\n" if "\n" in run.group() else " ", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _drop_records_after(path: Path, step: int) -> None:
