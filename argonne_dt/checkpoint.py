@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.torch_version import TorchVersion
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -42,6 +43,8 @@ from .distributed import ParallelLayout
 from .parallelize import build_model
 
 log = logging.getLogger(__name__)
+# Before torch 2.13 a DefaultStager frees its host buffers after every stage: there it serves one save.
+REUSABLE_STAGER = TorchVersion(torch.__version__) >= "2.13"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _EXTRA = "extra."
 
@@ -175,7 +178,7 @@ class Checkpointer:
         self.write_threads = write_threads
         # One stager for the run: its host buffers (pinned on GPUs) are allocated at the first save
         # and reused by every later one; close() frees them.
-        self._stager = DefaultStager(staging_options()) if async_save else None
+        self._stager = DefaultStager(staging_options()) if async_save and REUSABLE_STAGER else None
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._pending: tuple[Future, Path, Path] | None = None
         if self.rank == 0:
@@ -219,8 +222,11 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(str(tmp), thread_count=self.write_threads)
         if self.async_save:
             # Returns once the state is copied to host memory; the files are written in the background.
+            stager = self._stager or DefaultStager(staging_options())
             future = dcp.async_save(state, storage_writer=writer, process_group=self.process_group,
-                                    async_stager=self._stager)
+                                    async_stager=stager)
+            if stager is not self._stager:
+                future.add_done_callback(lambda _: stager.close())
             self._pending = (future, tmp, final)
         else:
             dcp.save(state, storage_writer=writer, process_group=self.process_group)
