@@ -738,7 +738,8 @@ class TensorParallelBatches:
     (status, window shape, the running document and drop counts) and the windows of token ids.
     The end of the data and any exception of the reader travel in the header's status, so the
     peers stop or fail with the reader instead of waiting in the broadcast; only on that rare
-    error path does the message go as an object.
+    error path does the message go as an object. ``tp_group`` is a gloo group (``host_tp_group``):
+    the batches stay in host memory, and neither sending nor reading a header waits for a GPU.
     """
 
     BATCH, END, ERROR = range(3)
@@ -752,9 +753,6 @@ class TensorParallelBatches:
         self.reads, self.group = reads, tp_group
         self.loader = self._loader(None)
         self._batches = None
-        # gloo carries host tensors (nothing waits for a device); nccl needs them on this rank's GPU.
-        self._device = None if tp_group is None or "gloo" in str(dist.get_backend(tp_group)) else \
-            torch.device("cuda", torch.cuda.current_device())
 
     def _loader(self, resumption: Resumption | None) -> DataLoader | None:
         if not self.reads:
@@ -772,15 +770,13 @@ class TensorParallelBatches:
         return self._send() if self.loader is not None else self._receive()
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._device is not None:
-            tensor = tensor.to(self._device, non_blocking=True)
         dist.broadcast(tensor, group=self.group, group_src=0)
         return tensor
 
     def _signal(self, status: int) -> None:
-        header = torch.zeros(self.HEADER, dtype=torch.int64)
+        header = np.zeros(self.HEADER, dtype=np.int64)
         header[0] = status
-        self._broadcast(header)
+        self._broadcast(torch.from_numpy(header))
 
     def _send(self) -> dict:
         try:
@@ -796,30 +792,26 @@ class TensorParallelBatches:
             raise
         windows = torch.cat([batch["input"][:, :1], batch["target"]], dim=1)
         dropped = [batch["dropped"].get(rule, 0) for rule in QualityFilterTokenizer.RULES]
-        self._broadcast(torch.tensor([self.BATCH, *windows.shape, batch["documents"], *dropped]))
-        windows = self._broadcast(windows)
-        if self._device is None:
-            return batch
-        return {**batch, "input": windows[:, :-1], "target": windows[:, 1:]}  # already on the GPU, like the peers'
-
-    def _empty(self, *shape: int) -> torch.Tensor:
-        """A receiving buffer: on the GPU for nccl, else in host memory (page-locked where a GPU is)."""
-        if self._device is not None:
-            return torch.empty(shape, dtype=torch.int64, device=self._device)
-        return torch.empty(shape, dtype=torch.int64, pin_memory=_pinned())
+        self._broadcast(torch.from_numpy(np.array([self.BATCH, *windows.shape, batch["documents"], *dropped],
+                                                  dtype=np.int64)))
+        self._broadcast(windows)
+        return batch
 
     def _receive(self) -> dict:
-        # The receivers' one host read per micro-batch: none of the device's with gloo (host memory),
-        # a wait for the broadcast's kernel with nccl.
-        status, rows, columns, documents, *dropped = self._broadcast(self._empty(self.HEADER)).tolist()
+        header = np.empty(self.HEADER, dtype=np.int64)  # host memory, read without waiting for a device
+        self._broadcast(torch.from_numpy(header))
+        status, rows, columns, documents, *dropped = header.tolist()
         if status == self.END:
             raise StopIteration
         if status == self.ERROR:
             reason: list = [None]
             dist.broadcast_object_list(reason, group=self.group, group_src=0)
             raise DataError(reason[0])
-        windows = self._broadcast(self._empty(rows, columns))
-        return {"input": windows[:, :-1], "target": windows[:, 1:], "documents": documents,
+        windows = self._broadcast(torch.empty(rows, columns, dtype=torch.int64))
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        if _pinned():  # as the reader's collate makes them
+            inputs, targets = inputs.contiguous().pin_memory(), targets.contiguous().pin_memory()
+        return {"input": inputs, "target": targets, "documents": documents,
                 "dropped": {rule: n for rule, n in zip(QualityFilterTokenizer.RULES, dropped) if n}}
 
     def state_dict(self) -> dict[str, Any]:
@@ -856,9 +848,29 @@ class TensorParallelBatches:
         self.loader = self._loader(resumptions[self.dp_rank])
 
 
+_HOST_GROUPS: dict = {}
+
+
+def host_tp_group(layout):
+    """A gloo group of this rank's tp peers (None at tp 1): batches go to the peers in host memory.
+
+    The layout's own tp group where it is gloo; over nccl a gloo twin, made once per layout by
+    every rank (``new_group`` is collective: all ranks make every tp group's, in mesh order).
+    """
+    group = layout.tp_group
+    if group is None or "gloo" in str(dist.get_backend(group)):
+        return group
+    if layout.mesh not in _HOST_GROUPS:
+        tp_groups = layout.mesh.mesh.reshape(-1, layout.tp).tolist()  # one row of global ranks per tp group
+        made = [dist.new_group(ranks, backend="gloo") for ranks in tp_groups]
+        _HOST_GROUPS[layout.mesh] = next(g for g, ranks in zip(made, tp_groups) if layout.rank in ranks)
+    return _HOST_GROUPS[layout.mesh]
+
+
 def batches_for(cfg: DataConfig, micro_batch_size: int, plan: SharePlan, layout=None) -> TensorParallelBatches:
     """The batches of this rank under ``layout`` (a ``ParallelLayout``; None: one process):
     its dp rank's share of ``plan``, read by the first rank of its tp group."""
     if layout is None:
         return TensorParallelBatches(cfg, micro_batch_size, plan)
-    return TensorParallelBatches(cfg, micro_batch_size, plan, layout.dp_rank, layout.reads_data, layout.tp_group)
+    return TensorParallelBatches(cfg, micro_batch_size, plan, layout.dp_rank, layout.reads_data,
+                                 host_tp_group(layout))

@@ -63,7 +63,7 @@ def train_step(model, optimizer, micro_batches: list[dict], device: torch.device
     Every rank gets the same numbers, so all take the same decision.
     """
     sums = accumulate_gradients(model, micro_batches, device, autocast, objective)
-    grad_norm = clip_grad_norm_(model.parameters(), grad_clip).item()
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
     totals = torch.stack(list(sums.values()))
     world = 1
     if dist.is_initialized():
@@ -71,7 +71,9 @@ def train_step(model, optimizer, micro_batches: list[dict], device: torch.device
         # dp ranks, and the mean over dp ranks is that sum / world.
         dist.all_reduce(totals)
         world = dist.get_world_size()
-    losses = {name: total / world for name, total in zip(sums, totals.tolist())}
+    # The step's one wait for the device: its terms and gradient norm read together.
+    *totals, grad_norm = torch.cat([totals, grad_norm.reshape(1).to(totals.dtype)]).tolist()
+    losses = {name: total / world for name, total in zip(sums, totals)}
     applied = all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm)
     if applied:
         optimizer.step()

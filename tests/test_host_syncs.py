@@ -1,0 +1,91 @@
+"""How often the step loop reads a tensor's value on the host: on a GPU each such read waits for the
+device to finish its queued work. Counted on CPU, where every read is visible: ``.item()``,
+``bool(tensor)`` and friends reach ``aten._local_scalar_dense``, a device tensor's ``.cpu()`` is a
+copy to the CPU, and ``.tolist()`` / ``.numpy()`` (which skip the dispatcher on CPU tensors) are
+counted where they are called."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import documents, write_parquet
+from distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+# Reads made inside these functions are left out:
+NOT_COUNTED = {
+    # DTensor's shard offsets, from the device mesh's coordinates: a CPU tensor in every run.
+    "compute_local_shape_and_global_offset",
+    # The loss's own check of each micro-batch's targets (on the GPU in a GPU run, so a wait per
+    # micro-batch there: to be made on the host batch before its copy).
+    "check_targets",
+}
+
+
+def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> list[int]:
+    """Host reads of tensor values in each whole iteration of the loop after the first."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from argonne_dt.trainer import Trainer
+    from test_trainer import make_config
+
+    reads = {"count": 0}
+    copies = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+
+    def count() -> None:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code.co_name in NOT_COUNTED:
+                return
+            frame = frame.f_back
+        reads["count"] += 1
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._local_scalar_dense.default:
+                count()
+            elif func in copies and isinstance(out, torch.Tensor) and out.device.type == "cpu" and any(
+                    isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+                count()
+            return out
+
+    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            count()
+            return real[name](self, *args, **kwargs)
+        return read
+
+    trainer = Trainer(make_config(job_dir, corpus, **overrides))
+    marks: list[int] = []
+    for name in real:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        with HostReads():
+            trainer.run(on_step=lambda step, record: marks.append(reads["count"]))
+    finally:
+        for name, method in real.items():
+            setattr(torch.Tensor, name, method)
+    return [after - before for before, after in zip(marks, marks[1:])]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_step_loop_waits_for_the_device_twice_per_step_whatever_the_micro_batches(tmp_path, tp):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_parquet(corpus / "part-0.parquet", documents(60, seed=1))
+    # Three micro-batches per step. The fused AdamW of the default path: the unfused one reads each
+    # parameter's step count (a host tensor: no wait for the device) every step.
+    settings = {"parallel.tp": tp, "train.steps": 5, "train.grad_accum_steps": 3, "checkpoint.every": 0,
+                "metrics.log_every": 2, "optim.fused": True}
+    per_rank = run_distributed(_reads_between_steps, tp, str(tmp_path / "job"), str(corpus), settings)
+    # Steps 2..5, logged or not, on the reading rank and its tp peer: the step's terms and gradient
+    # norm in one read, and the decision to stop (shared by all ranks); none per micro-batch.
+    assert per_rank == [[2, 2, 2, 2]] * tp
