@@ -138,7 +138,8 @@ class TrainConfig:
     dtype: str = _doc("compute dtype: bf16 (autocast, fp32 master weights), fp32, or auto (bf16 on GPUs "
                       "and on CPUs with native bf16, else fp32)", default="bf16")
     max_nonfinite_steps: int = _doc("consecutive non-finite steps tolerated before stopping", default=5)
-    eval_every: int = _doc("validation every N steps (needs data.eval_paths); 0 disables", default=0)
+    eval_every: int = _doc("validation every N steps on the held-out data (data.eval_paths, else data.eval_split "
+                           "of data.paths, else the sample corpus's held-out split); 0 disables", default=0)
     eval_batches: int = _doc("validation batches per evaluation; 0 means the whole held-out set", default=20)
     downstream_every: int = _doc("multiple-choice accuracy on train.downstream_file every N steps; 0 disables",
                                  default=0)
