@@ -1,4 +1,5 @@
 import random
+import weakref
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,3 +49,24 @@ def write_parquet(path, texts, row_group_size=8, binary=False):
     table = pa.table({"text": pa.array(texts, type=column_type), "id": [str(i) for i in range(len(texts))]})
     pq.write_table(table, path, row_group_size=row_group_size)
     return str(path)
+
+
+def record_documents(monkeypatch, record) -> None:
+    """Call ``record(packer, document)`` for every document a ``TokenPacker`` made from now on takes.
+
+    Only packers made after this call count: an earlier test's prefetching thread may still pull
+    from its own."""
+    from argonne_dt.data import TokenPacker
+
+    ours = weakref.WeakSet()
+    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
+    monkeypatch.setattr(TokenPacker, "__init__",
+                        lambda self, *args, **kwargs: (ours.add(self), real_init(self, *args, **kwargs))[1])
+
+    def recording(self):
+        doc = real_next(self)
+        if self in ours:
+            record(self, doc)
+        return doc
+
+    monkeypatch.setattr(TokenPacker, "_next_document", recording)

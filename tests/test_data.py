@@ -1,6 +1,5 @@
 import logging
 import random
-import weakref
 from collections import Counter
 from itertools import islice
 
@@ -20,13 +19,12 @@ from argonne_dt.data import (
     QualityFilterTokenizer,
     TensorParallelBatches,
     TextBatch,
-    TokenPacker,
     build_data_loader,
     expand_paths,
     plan_shares,
 )
 from argonne_dt.tokenizer import load_tokenizer
-from conftest import WORDS, documents, write_parquet
+from conftest import WORDS, documents, record_documents, write_parquet
 
 @pytest.fixture
 def shards(tmp_path):
@@ -422,19 +420,8 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     """
     files, docs = shards
     cfg = config(paths=files, loop=False, prefetch=0)  # a saving run's plan is made again from data.paths
-    # Only this test's packers count: an earlier test's prefetching thread may still pull from its own.
     taken: list[tuple] = []
-    ours = weakref.WeakSet()
-    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
-    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args, **kwargs: (ours.add(self), real_init(self, *args, **kwargs))[1])
-
-    def recording(self):
-        doc = real_next(self)
-        if self in ours:
-            taken.append(tuple(doc))
-        return doc
-
-    monkeypatch.setattr(TokenPacker, "_next_document", recording)
+    record_documents(monkeypatch, lambda packer, doc: taken.append(tuple(doc)))
     states, emitted, carried = {}, 0, 0
     for stage, size in enumerate(sizes):
         last = stage == len(sizes) - 1

@@ -3,7 +3,6 @@ share that keeps no document."""
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from dataclasses import replace
 from itertools import islice
@@ -19,12 +18,11 @@ from argonne_dt.data import (
     QualityFilterTokenizer,
     TensorParallelBatches,
     TextBatch,
-    TokenPacker,
     build_data_loader,
     plan_shares,
     reshard_positions,
 )
-from conftest import WORDS, write_parquet
+from conftest import WORDS, record_documents, write_parquet
 
 
 def config(**overrides) -> DataConfig:
@@ -91,17 +89,8 @@ def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, mon
     files, texts = _drifting_corpus(tmp_path)
     cfg = config(paths=files)
     taken: list[tuple] = []  # (document, epoch it was taken in)
-    ours = weakref.WeakSet()
-    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
-    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args, **kwargs: (ours.add(self), real_init(self, *args, **kwargs))[1])
-
-    def recording(self):
-        doc = real_next(self)
-        if self in ours:
-            taken.append((tuple(doc), self._batch.positions[self._doc_index - 1].epoch))
-        return doc
-
-    monkeypatch.setattr(TokenPacker, "_next_document", recording)
+    record_documents(monkeypatch, lambda packer, doc: taken.append(
+        (tuple(doc), packer._batch.positions[packer._doc_index - 1].epoch)))
     window = cfg.seq_len + 1
     states, emitted, newest, drifted = {}, 0, 0, []
     for stage, size in enumerate(sizes):

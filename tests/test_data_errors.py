@@ -14,23 +14,14 @@ from argonne_dt.config import DataConfig
 from argonne_dt.data import DataError, build_data_loader
 from argonne_dt.errors import EXIT_CODE, run_reporting_user_errors
 from conftest import documents
+from test_data import _with_corrupt_row_group as corrupt_row_group
 
 ROOT = Path(__file__).parents[1]
 
 
-def corrupt_row_group(path: Path, docs: list[str], row_group_size: int, corrupt: int) -> Path:
-    """A parquet file whose footer reads but whose row group ``corrupt`` is garbage (found when read)."""
-    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size, compression="none",
-                   use_dictionary=False)
-    chunk = pq.ParquetFile(path).metadata.row_group(corrupt).column(0)
-    data = bytearray(path.read_bytes())
-    data[chunk.data_page_offset : chunk.data_page_offset + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_an_error_from_the_reader_thread_prints_its_own_message_once(tmp_path, capsys, monkeypatch):
-    path = corrupt_row_group(tmp_path / "c.parquet", documents(24, seed=6), 8, 0)
+    path = tmp_path / "c.parquet"
+    corrupt_row_group(path, documents(24, seed=6), 8, 0)
     cfg = DataConfig(paths=[str(path)], seq_len=15, min_tokens=1, on_bad_shard="error", read_retries=0, prefetch=2,
                      eval_split=0)
 

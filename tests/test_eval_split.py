@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import weakref
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -19,10 +18,9 @@ from argonne_dt.data import (
     QualityFilterTokenizer,
     TensorParallelBatches,
     TextBatch,
-    TokenPacker,
     plan_shares,
 )
-from conftest import documents, write_parquet
+from conftest import documents, record_documents, write_parquet
 
 ROOT = Path(__file__).parents[1]
 
@@ -91,17 +89,7 @@ def test_a_resume_on_another_dp_size_never_reads_the_held_out_rows(corpus, monke
     files, docs = corpus
     cfg = config(files, loop=False)
     taken: list[tuple] = []
-    ours = weakref.WeakSet()
-    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
-    monkeypatch.setattr(TokenPacker, "__init__", lambda self, *args: (ours.add(self), real_init(self, *args))[1])
-
-    def recording(self):
-        doc = real_next(self)
-        if self in ours:
-            taken.append(tuple(doc))
-        return doc
-
-    monkeypatch.setattr(TokenPacker, "_next_document", recording)
+    record_documents(monkeypatch, lambda packer, doc: taken.append(tuple(doc)))
     saved = {}
     for stage, size in enumerate((2, 3)):
         plan, states = plan_shares(files, size, cfg), {}
