@@ -42,6 +42,16 @@ def config(files, **overrides) -> DataConfig:
     return DataConfig(**values)
 
 
+def held_out_in_order(corpus, cfg: DataConfig) -> list[str]:
+    """The texts of the held-out rows, in the order of the plan (files of 70, 45, 85 rows; row groups of 16)."""
+    files, docs = corpus
+    texts = []
+    for segment in plan_shares(files, 1, cfg, held_out=True).shares[0]:
+        offset = {files[0]: 0, files[1]: 70, files[2]: 115}[segment.file] + 16 * segment.row_group
+        texts += docs[offset + segment.start : offset + segment.stop]
+    return texts
+
+
 def rows_of(plan) -> Counter:
     """(file, row within its row group's file offset) of every row the plan's shares cover."""
     return Counter((s.file, s.row_group, row) for share in plan.shares for s in share for row in range(s.start, s.stop))
@@ -101,15 +111,33 @@ def test_a_resume_on_another_dp_size_never_reads_the_held_out_rows(corpus, monke
             states.update(reader.state_dict())
         saved = states
     tokenized = {text: tuple(doc) for text, doc in zip(docs, QualityFilterTokenizer(cfg)(TextBatch(docs, Position(0))).docs)}
-    held_out_plan = plan_shares(files, 1, cfg, held_out=True)
-    held_out_texts = set()
-    for segment in held_out_plan.shares[0]:
-        offset = {files[0]: 0, files[1]: 70, files[2]: 115}[segment.file] + 16 * segment.row_group
-        held_out_texts.update(docs[offset + segment.start : offset + segment.stop])
+    held_out_texts = set(held_out_in_order(corpus, cfg))
     assert len(held_out_texts) == 10
     training = Counter(tokenized[text] for text in docs if text not in held_out_texts)
     assert Counter(taken) == training
 
+
+
+def test_a_checkpoint_is_evaluated_on_its_runs_held_out_rows(corpus, tmp_path):
+    """launch/evaluate.py without --data: the rows the run held out, exactly those (the same loss as
+    the same texts written as a file of their own)."""
+    from argonne_dt.checkpoint import write_model_checkpoint
+    from argonne_dt.config import Config, ModelConfig
+    from argonne_dt.evaluation import evaluate_checkpoint
+    from argonne_dt.model import ArgonneModel
+
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=151_665, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                            head_dim=16, max_seq_len=32)
+    cfg.data = config(corpus[0])
+    cfg.train.dtype = "fp32"
+    model = ArgonneModel(cfg.model)
+    model.init_weights(seed=1)
+    checkpoint = str(write_model_checkpoint(model, cfg, tmp_path / "ckpt"))
+    own = evaluate_checkpoint(checkpoint, micro_batch_size=2)
+    held_out = write_parquet(tmp_path / "held-out.parquet", held_out_in_order(corpus, cfg.data), row_group_size=16)
+    assert own == evaluate_checkpoint(checkpoint, [held_out], micro_batch_size=2)
+    assert own != evaluate_checkpoint(checkpoint, [corpus[0][0]], micro_batch_size=2)
 
 
 @pytest.mark.e2e
