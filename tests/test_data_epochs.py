@@ -166,3 +166,15 @@ def test_a_share_emptied_after_a_dealt_remainder_fails_after_one_pass_of_its_own
     next(batches)  # the dealt words
     with pytest.raises(DataError, match=r"dp rank 1: a whole pass over .*a.parquet kept no document"):
         list(islice(batches, 500))
+
+
+def test_held_out_data_the_filter_empties_fails_the_evaluation(tmp_path, bounded_passes):
+    import torch
+
+    from argonne_dt.evaluation import Evaluator
+
+    digits = ["1234567890 " * 8 + str(i) for i in range(6)]
+    files = [write_parquet(tmp_path / "held-out-digits.parquet", digits, row_group_size=4)]
+    evaluator = Evaluator(config(paths=files), 1, 3, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    with pytest.raises(DataError, match=r"held-out-digits.parquet kept no document.*digit_ratio: 6"):
+        evaluator(torch.nn.Module())  # fails before the model is called
