@@ -65,7 +65,9 @@ class ParallelConfig:
     tp: int = _doc("tensor-parallel degree (GPUs sharing one model replica)", default=1)
     dp: int = _doc("data-parallel (FSDP2) degree; -1 means world_size / tp", default=-1)
     sequence_parallel: bool = _doc("shard norms and activations between blocks on the sequence dim", default=True)
-    loss_parallel: bool = _doc("compute the loss on vocab-sharded logits (no rank holds full logits)", default=True)
+    loss_parallel: bool = _doc("with train.loss_chunk_tokens = 0 (full logits): the loss on vocab-sharded logits, "
+                               "loss_parallel() (no rank holds full logits); the fused loss is vocab-parallel anyway",
+                               default=True)
     activation_checkpoint: str = _doc("per-block recompute: none, full or selective", default="none")
     ac_every: int = _doc(
         "selective mode: 0 saves matmul/attention outputs (op level); N > 0 recomputes every N-th block",

@@ -26,6 +26,8 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import loss_parallel
 
+from .distributed import native_bf16
+
 IGNORE_INDEX = -100
 
 
@@ -86,6 +88,14 @@ class _VocabShard:
         return local.clamp(0, self.size - 1)[:, None], held, weight
 
 
+def transposed_weight_copy(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """Whether the fused loss keeps a transposed copy of the weight for grad_rows = d_logits @ w,
+    which reduces over the vocabulary: CPU bf16 gemm without native bf16 is an order of magnitude
+    slower when that dimension is not the contiguous one of both operands (seen: 19 s vs 1.1 s for
+    128 tokens of tiny). Elsewhere (GPUs, native bf16, fp32) the layout costs nothing."""
+    return device.type == "cpu" and compute_dtype == torch.bfloat16 and not native_bf16(device)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -112,10 +122,7 @@ def _chunk_loop(rows: torch.Tensor, weight: torch.Tensor, chunk: int, want_grads
     device = rows.device.type
     compute = _compute_dtype(device, weight)
     w = weight.to(compute)
-    # grad_rows = d_logits @ w reduces over the vocabulary. CPU gemm kernels without native bf16
-    # are an order of magnitude slower when that dimension is not the contiguous one of both
-    # operands (seen: 19 s vs 1.1 s for 128 tokens of tiny); one transposed copy avoids it.
-    w_for_grad = w.t().contiguous().t() if want_grads and device == "cpu" else w
+    w_for_grad = w.t().contiguous().t() if want_grads and transposed_weight_copy(rows.device, compute) else w
     totals = grad_weight = None
     grad_rows = torch.empty_like(rows) if want_grads else None
     with torch.autocast(device, enabled=False):
@@ -128,11 +135,14 @@ def _chunk_loop(rows: torch.Tensor, weight: torch.Tensor, chunk: int, want_grads
                 continue
             d_logits = d_logits.to(compute)
             grad_rows[span] = d_logits @ w_for_grad
-            part = d_logits.t() @ h
-            del d_logits  # before the next chunk's logits: one chunk's buffers at a time
             # fp32 sum over chunks (the first chunk's part becomes the accumulator: no zeros buffer)
-            grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
-            del part
+            if grad_weight is None:
+                grad_weight = (d_logits.t() @ h).float()
+            elif compute == torch.float32:
+                grad_weight.addmm_(d_logits.t(), h)
+            else:
+                grad_weight.add_(d_logits.t() @ h)
+            del d_logits  # before the next chunk's logits: one chunk's buffers at a time
     return totals, grad_rows, grad_weight
 
 
@@ -304,23 +314,27 @@ def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
 
 
 def fused_loss_bytes(tokens: int, chunk_tokens: int, vocab_shard: int, width: int, compute_dtype: torch.dtype,
-                     device_type: str = "cuda") -> int:
+                     transposed_copy: bool = False) -> int:
     """Peak bytes the fused cross-entropy allocates on one rank for a micro-batch of ``tokens`` (its
-    whole transient: the planner's loss term), counted from what ``_chunk_loop`` holds at once.
+    whole transient, forward and backward: the planner's loss term), counted from what
+    ``_chunk_loop`` holds at once; ``transposed_copy`` as ``transposed_weight_copy`` says.
 
-    Of the chunk (``chunk_tokens`` x ``vocab_shard`` logits): the fp32 buffer with, beside it, the
+    Of a chunk (``chunk_tokens`` x ``vocab_shard`` logits): the fp32 buffer with, beside it, the
     compute-dtype matmul output it is upcast from, or later its gradient's compute-dtype copy with
-    the weight-sized part of grad_weight. Of the micro-batch: grad_rows; of the weight shard: its
-    compute-dtype copy (and on CPU a transposed one), and grad_weight's fp32 accumulator once a
-    second chunk adds to it. Nothing else grows with the tokens.
+    the chunk's grad_rows, then the weight-sized product for grad_weight. Of the micro-batch: grad_rows, and per token its
+    target's column (int64), whether this shard holds it, its weight in the mean (fp32). Of the
+    weight shard: its compute-dtype copy, and grad_weight's fp32 accumulator (which becomes the
+    weight's gradient) once a second chunk adds to it.
     """
     size = torch.finfo(compute_dtype).bits // 8
     cast = 0 if compute_dtype == torch.float32 else size  # a compute-dtype copy beside an fp32 buffer
     logits = min(chunk_tokens, tokens) * vocab_shard
     weight = vocab_shard * width
-    accumulator = 4 * weight if tokens > chunk_tokens else 0
+    several = tokens > chunk_tokens
+    accumulator = 4 * weight if several else 0
     upcast = logits * (4 + cast) + accumulator
-    gradient = logits * (cast or 4) + weight * size + (4 * weight if tokens > chunk_tokens or cast else 0)
-    # grad_rows; per token its target's column (int64), held flag and weight (fp32); the weight copies
-    fixed = tokens * (width * size + 8 + 1 + 4) + weight * (cast + (size if device_type == "cpu" else 0))
+    # grad_rows's chunk, then the product for grad_weight (fp32 compute adds it in place: addmm_)
+    product = max(min(chunk_tokens, tokens) * width * size, weight * size if cast or not several else 0)
+    gradient = logits * (cast or 4) + product + (4 * weight if cast else accumulator)
+    fixed = tokens * (width * size + 8 + 1 + 4) + weight * (cast + (size if transposed_copy else 0))
     return fixed + max(upcast, gradient)

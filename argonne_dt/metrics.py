@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 # Longest text (a sample) on one console line.
 CONSOLE_TEXT_CHARS = 200
@@ -64,6 +67,35 @@ def peak_memory_gib(device: torch.device) -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """The most bytes of tensor storage created inside the block and alive at once, checked after every
+    op (what a CUDA allocator's peak counts, on any device; the CPU's resident set adds the heap's
+    fragmentation), and the largest storage; the storages of ``existing`` tensors are not counted."""
+
+    def __init__(self, *existing: torch.Tensor):
+        super().__init__()
+        self.live: dict = {}
+        self.peak = self.largest = 0
+        self.existing = {StorageWeakRef(self._storage(t)).cdata for t in existing}
+
+    @staticmethod
+    def _storage(tensor: torch.Tensor):
+        return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = self._storage(tensor)
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.existing and ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, storage.nbytes())
+                    self.largest = max(self.largest, storage.nbytes())
+        self.live = {key: value for key, value in self.live.items() if not value[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
 
 
 class LogWindow:

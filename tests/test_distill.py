@@ -104,6 +104,26 @@ def test_loss_and_every_student_gradient_equal_the_full_logits_reference(teacher
         assert _rel(param.grad, grads[name]) < 1e-5, name
 
 
+def test_accumulated_halves_and_a_scaled_loss_give_the_full_batch_gradients(teacher_dir):
+    """The distillation backward uses its incoming gradient: accumulation over n micro-batches (each
+    loss divided by n) and a scaled loss scale the gradients, not n times too large."""
+    from argonne_dt.step import accumulate_gradients
+
+    cfg = student_config(teacher_dir, alpha=0.3, temperature=2.0, chunk_tokens=7)
+    student = ArgonneModel(cfg.model)
+    student.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
+    scaled = copy.deepcopy(student)
+    _, grads = reference(copy.deepcopy(student), teacher_dir, batch_of(4), 0.3, 2.0)
+    objective = DistillationObjective(load_teacher(cfg, None, torch.device("cpu")), cfg.distill, torch.device("cpu"))
+    halves = [{k: v[rows] for k, v in batch_of(4).items()} for rows in (slice(0, 2), slice(2, 4))]
+    accumulate_gradients(student, halves, torch.device("cpu"), contextlib.nullcontext(), objective)
+    (0.5 * objective(scaled, batch_of(4), torch.device("cpu"))["loss"]).backward()
+    scaled_grads = dict(scaled.named_parameters())
+    for name, param in student.named_parameters():
+        assert _rel(param.grad, grads[name]) < 1e-5, name
+        assert _rel(scaled_grads[name].grad, 0.5 * grads[name]) < 1e-5, name
+
+
 def test_the_teacher_is_hugging_face_qwen2_cut_to_the_student_vocabulary(teacher_dir):
     from transformers import Qwen2ForCausalLM
 
