@@ -351,22 +351,30 @@ def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq
                            after_block["weight_copy"], loss_peak, chunk)
 
 
+def _small_model(m: ModelConfig, tp: int, rows: int, seq: int, layout, weights_dtype=torch.float32):
+    """``m`` at its real hidden width with one thin block and ``rows`` vocabulary rows per tp rank,
+    real tensors set to a constant (only the loss's shapes matter)."""
+    small = replace(m, num_layers=1, vocab_size=rows * tp, num_heads=tp, num_kv_heads=tp, head_dim=8,
+                    intermediate_size=64 * tp, max_seq_len=seq)
+    model = build_model(small, layout, device="cpu", weights_dtype=weights_dtype)
+    _filled(model)
+    return model
+
+
 @functools.lru_cache(maxsize=None)
-def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int) -> tuple[int, int]:
-    """The loss's transient peak (its forward and backward, by the model's own loss path) at the
-    planned tokens and the real vocabulary shard, from a run at the real hidden width with three
-    chunks of a few tokens and a small vocabulary shard; and the loss's chunk of tokens."""
-    from .loss import loss_context
+def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key: tuple | None = None) -> tuple[int, int]:
+    """The loss's transient peak (its forward and backward, by the model's own loss path, or the
+    distillation loss with ``teacher_key``'s model) at the planned tokens and the real vocabulary
+    shard, from a run at the real hidden widths with three chunks of a few tokens and a small
+    vocabulary shard (``StepRecorder``'s ``sizes``); and the loss's chunk of tokens."""
+    from .loss import distillation_loss, loss_context
 
     m = ModelConfig(*model_key)
     rows, chunk_measured = 521, 37 * tp  # lengths no other dimension of the planned models has
     seq = 3 * chunk_measured
-    small = replace(m, num_layers=1, vocab_size=rows * tp, num_heads=tp, num_kv_heads=tp, head_dim=8,
-                    intermediate_size=64 * tp, max_seq_len=seq)
     with fake_world(tp):
         layout = _step_layout(tp, 1, sp, "none")
-        model = build_model(small, layout, device="cpu")
-        _filled(model)
+        model = _small_model(m, tp, rows, seq, layout)
         chunk = getattr(model, "fused_loss_chunk", 0)
         if chunk:
             model.fused_loss_chunk = chunk_measured
@@ -375,12 +383,21 @@ def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int) -> tuple[int
         if tp > 1:
             sizes[seq // tp] = tokens // tp
         ids = torch.zeros(1, seq, dtype=torch.long)
+        states = lambda model, hidden, targets: hidden  # noqa: E731 - the final hidden states, no loss
         recorder = StepRecorder(group_dims(layout), model.parameters(), sizes)
         with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model):
-            hidden = model(ids, head=lambda model, hidden, targets: hidden).detach().requires_grad_()
+            hidden = model(ids, head=states).detach().requires_grad_()
+            if teacher_key is None:
+                loss = lambda: model.loss_from_hidden(hidden, ids)  # noqa: E731
+            else:
+                teacher = _small_model(ModelConfig(*teacher_key), tp, rows, seq, layout, torch.bfloat16)
+                with torch.no_grad():
+                    teacher_hidden = teacher(ids, head=states)
+                loss = lambda: distillation_loss(hidden, model.lm_head.weight, teacher_hidden,  # noqa: E731
+                                                 teacher.lm_head.weight, ids, 0.5, 1.0, model.fused_loss_chunk)[0]
             with recorder:
                 start = recorder.mark()
-                model.loss_from_hidden(hidden, ids).backward()
+                loss().backward()
     return recorder.peak - start, chunk
 
 
@@ -514,12 +531,10 @@ def _measure_teacher_forward(model_key: tuple, tp: int, sp: bool, micro_batch: i
 
 
 def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp: int, dp: int, batch: int, seq: int,
-                  shard_over_dp: bool, chunk: int = 1024) -> dict:
+                  shard_over_dp: bool) -> dict:
     """Per-GPU bytes a bf16 teacher adds to a step: its weights (counted from its meta-device shards),
-    its forward's working set and the final hidden states it keeps for the loss (measured), and the
-    distillation loss's chunk (the loss module's own count)."""
-    from .loss import fused_loss_bytes
-
+    its forward's working set and the final hidden states it keeps for the loss, and the distillation
+    loss's transient (measured, in place of pretraining's loss)."""
     model = teacher_model(name, student)
     try:
         check_tp_divides(model, tp)
@@ -527,11 +542,11 @@ def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp:
         return {"runs": False, "reason": str(err)}
     params = local_parameter_count(model, parallel, tp, dp if shard_over_dp else 1, shard_root=False)
     working, kept = _measure_teacher_forward(astuple(model), tp, parallel.sequence_parallel and tp > 1, batch, seq)
-    kl = fused_loss_bytes(min(chunk, batch * seq), math.ceil(student.vocab_size / tp), torch.bfloat16,
-                          distillation=True)
+    sp = parallel.sequence_parallel and tp > 1
+    kl, _ = _measure_loss(astuple(student), tp, sp, batch * seq, astuple(model))
     forward_flops = _flops_per_token(astuple(model), seq) / 3  # forward: a third of fwd + bwd
     return {"runs": True, "local_parameters": params, "weights": 2 * params, "activations": working + kept,
-            "kl_chunks": kl, "total": 2 * params + working + kept + kl,
+            "loss_transient": kl, "total": 2 * params + working + kept + kl,
             # The teacher's forward, its lm_head included; the student's logits and their two gradient
             # matmuls replace pretraining's fused loss one for one.
             "flops_per_token": forward_flops}
@@ -589,8 +604,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
         if extra["runs"]:
             memory["teacher_weights_bf16"] = extra["weights"]
             memory["teacher_forward"] = extra["activations"]
-            memory["distillation_loss_chunk"] = extra["kl_chunks"]
-            memory["transient_peak"] = max(acts.block_backward_peak, extra["kl_chunks"])
+            memory["transient_peak"] = max(acts.block_backward_peak, extra["loss_transient"])
             flops_per_token += extra["flops_per_token"]
             executed_per_token += extra["flops_per_token"]
             distilling["teacher_local_parameters"] = extra["local_parameters"]

@@ -1,56 +1,105 @@
-"""Memory and throughput plan per GPU for a config, parallel layout, micro-batch and checkpoint mode.
+"""Every layout of a run that fits the GPUs, fastest first, with memory, predicted tokens/s, MFU and
+days for the token budget; or one layout in detail.
 
-    python benchmarks/plan.py --config 4b9.toml --tp 8 --gpu a100-80gb
-    python benchmarks/plan.py --config 4b9.toml --tp 8 --dp 2 --micro-batch 2 --ac none --no-sp --json plan.json
+    python benchmarks/plan.py --config 4b9.toml --gpus 8 --gpu a100-80gb
+    python benchmarks/plan.py --config 4b9.toml --gpus 64 --gpu h100-80gb --json plan.json
+    python benchmarks/plan.py --config 4b9.toml --gpus 8 --gpu a100-80gb --teacher qwen2.5-14b
+    python benchmarks/plan.py --config 4b9.toml --tp 8 --dp 1 --micro-batch 4 --ac full   # one layout
 
-Parameters, gradients and AdamW state are counted from the local shards of the really
-parallelized model (see ``argonne_dt/plan.py``); activations are estimated per layer.
+Memory is measured (see ``argonne_dt/plan.py``): parameters from the parallelized model's shards,
+activations from a block's step at the planned shape, the loss's transient from its own code path.
+Communication is the closed form tested against a real step's collectives. Step time = FLOPs at
+the GPU's stated matmul efficiency + tensor-parallel collectives (exposed) + what FSDP2's
+collectives add beyond the compute they overlap, over the stated link bandwidths.
 """
 
 import argparse
 
 from common import emit_json
 
-from argonne_dt.plan import GPUS, QWEN25_TEACHERS, plan
+from argonne_dt.plan import GPUS, QWEN25_TEACHERS, RESERVE, layouts, plan
+
+
+def _assumptions(gpu: str) -> str:
+    g = GPUS[gpu]
+    return (f"assumptions for {gpu}: {g.peak_flops / 1e12:.0f} TFLOP/s bf16 peak at {g.matmul_efficiency:.0%} matmul "
+            f"efficiency; NVLink {g.nvlink_bytes_per_s / 1e9:.0f} GB/s and InfiniBand {g.network_bytes_per_s / 1e9:.0f} "
+            f"GB/s per GPU per direction at {g.link_efficiency:.0%} (NCCL ring bus bandwidth), {g.per_node} GPUs per "
+            f"node, tp within a node; TP/SP collectives exposed, FSDP2's overlapped with compute; reserve: CUDA context "
+            f"{RESERVE['cuda_context_gib']} GiB, cuBLAS workspaces {RESERVE['cublas_workspace_gib']} GiB, NCCL "
+            f"{g.nccl_buffers_gib} GiB per communicator, 5% allocator slack")
+
+
+def _memory(row: dict) -> str:
+    parts = {**row["memory_gib"], **row["reserve_gib"]}
+    return ", ".join(f"{name} {gib:.2f}" for name, gib in parts.items() if gib >= 0.005)
+
+
+def _table(rows: list[dict]) -> None:
+    print(f"{'tp':>3} {'dp':>3} {'ckpt':>9} {'mb':>3} {'accum':>5} {'GiB':>6} {'compute':>8} {'tp comm':>8} "
+          f"{'dp exp.':>8} {'step s':>7} {'tokens/s':>9} {'MFU':>6} {'days':>6}")
+    for r in rows:
+        print(f"{r['tp']:>3} {r['dp']:>3} {r['activation_checkpoint']:>9} {r['micro_batch']:>3} {r['micro_batches']:>5} "
+              f"{r['total_gib']:>6.1f} {r['compute_s']:>8.3f} {r['tp_comm_s']:>8.3f} {r['exposed_dp_comm_s']:>8.3f} "
+              f"{r['step_s']:>7.3f} {r['predicted_tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['predicted_days']:>6.1f}")
+
+
+def _why(best: dict, rows: list[dict]) -> str:
+    reasons = [f"the highest predicted throughput ({best['predicted_tokens_per_s']:,.0f} tokens/s, "
+               f"{best['predicted_days']:.1f} days for {best['token_budget'] / 1e9:.1f}B tokens)"]
+    if best["tp"] == 1:
+        reasons.append("no tensor-parallel collectives in the critical path; FSDP2's gathers hide behind compute")
+    else:
+        reasons.append(f"tensor parallelism costs {best['tp_comm_s'] / best['step_s']:.0%} of the step in exposed collectives")
+    reasons.append(f"{best['total_gib']:.1f} of {best['gpu_gib']} GiB ({best['activation_checkpoint']} checkpointing)")
+    safest = min(rows, key=lambda r: r["total_gib"])
+    if safest is not best:
+        reasons.append(f"the most memory headroom instead: tp {safest['tp']} x dp {safest['dp']}, "
+                       f"{safest['activation_checkpoint']}, micro-batch {safest['micro_batch']} "
+                       f"({safest['total_gib']:.1f} GiB, {safest['predicted_tokens_per_s']:,.0f} tokens/s)")
+    return "; ".join(reasons)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="4b9.toml")
-    parser.add_argument("--tp", type=int, default=8)
-    parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS))
+    parser.add_argument("--gpus", type=int, help="rank every layout of this many GPUs")
+    parser.add_argument("--tp", type=int, default=8, help="one layout (without --gpus)")
+    parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=None, help="default: the config's data.seq_len")
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"], choices=["none", "selective", "full"])
-    parser.add_argument("--no-sp", action="store_true", help="without sequence parallelism")
-    parser.add_argument("--mfu", type=float, default=0.5)
     parser.add_argument("--teacher", choices=sorted(QWEN25_TEACHERS), help="plan distilling from this teacher (bf16)")
     parser.add_argument("--teacher-fsdp", action="store_true", help="the teacher's blocks sharded over dp too")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    rows = [plan(args.config, args.tp, args.dp, args.gpu, args.micro_batch, args.seq, ac, not args.no_sp, args.mfu,
-                 args.teacher, args.teacher_fsdp) for ac in args.ac]
-    first = rows[0]
-    print(f"{first['config']} on {first['tp'] * first['dp']} x {first['gpu']} (tp {first['tp']}, dp {first['dp']}), "
-          f"micro-batch {first['micro_batch']} x {first['seq_len']}, sequence parallel {first['sequence_parallel']}")
-    print(f"local parameters {first['local_parameters']:,} (meta-device shards = closed form): "
-          f"params {first['parameters_fp32_gib']:.2f} + grads {first['gradients_fp32_gib']:.2f} "
-          f"+ AdamW {first['adamw_state_fp32_gib']:.2f} GiB")
-    if args.teacher and not first["teacher_runs"]:
-        print(f"teacher {args.teacher}: does NOT run here: {first['teacher_reason']}")
-    elif args.teacher:
-        print(f"teacher {args.teacher} (bf16{', FSDP over dp' if args.teacher_fsdp else ''}): "
-              f"{first['teacher_local_parameters']:,} local parameters = {first['teacher_weights_bf16_gib']:.2f} GiB, "
-              f"forward working set and kept states {first['teacher_activations_gib']:.2f} GiB, "
-              f"KL chunks {first['kl_chunks_gib']:.2f} GiB (included in the totals below)")
-    print(f"{'checkpointing':>13} {'acts/layer':>10} {'acts':>8} {'logits':>8} {'total':>8} {'GPU':>6}  verdict")
-    for r in rows:
-        verdict = "fits" if r["fits"] else "cannot run at this tp" if r.get("teacher_runs") is False else "does NOT fit"
-        print(f"{r['activation_checkpoint']:>13} {r['activations_per_layer_gib']:>9.2f}G {r['activations_gib']:>7.2f}G "
-              f"{r['logits_and_loss_gib']:>7.2f}G {r['total_gib']:>7.2f}G {r['gpu_gib']:>5}G  {verdict}")
-    print(f"at {first['mfu']:.0%} MFU: {first['predicted_tokens_per_s']:,.0f} tokens/s, "
-          f"{first['predicted_days_for_21.9B_tokens']:.1f} days for 21.9B tokens")
+    teacher = f", distilling from {args.teacher} (bf16{', FSDP over dp' if args.teacher_fsdp else ''})" \
+        if args.teacher else ""
+    if args.gpus:
+        rows = layouts(args.config, args.gpus, args.gpu, args.teacher, args.teacher_fsdp)
+        print(f"{args.config} on {args.gpus} x {args.gpu}{teacher}: {len(rows)} layouts fit, fastest first")
+        print(_assumptions(args.gpu))
+        if not rows:
+            print("nothing fits: more GPUs, or a GPU with more memory")
+        else:
+            _table(rows)
+            best = rows[0]
+            print(f"run: tp {best['tp']} x dp {best['dp']}, activation_checkpoint = \"{best['activation_checkpoint']}\", "
+                  f"micro-batch {best['micro_batch']} x {best['micro_batches']} accumulated: {_why(best, rows)}")
+            print(f"its memory per GPU (GiB): {_memory(best)}")
+    else:
+        rows = [plan(args.config, args.tp, args.dp, args.gpu, args.micro_batch, args.seq, ac, args.teacher,
+                     args.teacher_fsdp) for ac in args.ac]
+        first = rows[0]
+        print(f"{first['config']} on {first['gpus']} x {first['gpu']} (tp {first['tp']}, dp {first['dp']}), "
+              f"micro-batch {first['micro_batch']} x {first['seq_len']}{teacher}")
+        print(_assumptions(args.gpu))
+        if args.teacher and not first["teacher_runs"]:
+            print(f"teacher {args.teacher}: does NOT run here: {first['teacher_reason']}")
+        _table(rows)
+        for r in rows:
+            print(f"{r['activation_checkpoint']:>9}: {'fits' if r['fits'] else 'does NOT fit'}; {_memory(r)}")
     emit_json(rows, args.json)
 
 
