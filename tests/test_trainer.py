@@ -313,11 +313,11 @@ def _killed_during_save(tmp: str, corpus: str) -> None:
 
     real_save = dcp.save
 
-    def dying_save(state, *, checkpoint_id, **kwargs):
-        if "step-00000004" in checkpoint_id and dist.get_rank() == 1:
-            Path(checkpoint_id, "__1_0.distcp").write_bytes(b"half a shard")
+    def dying_save(state, *, storage_writer, **kwargs):
+        if "step-00000004" in str(storage_writer.path) and dist.get_rank() == 1:
+            Path(storage_writer.path, "__1_0.distcp").write_bytes(b"half a shard")
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        return real_save(state, storage_writer=storage_writer, **kwargs)
 
     checkpoint.dcp.save = dying_save
     _train(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
