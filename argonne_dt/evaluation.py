@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from .config import Config, DataConfig
 from .checkpoint import load_model
-from .data import batches_for, data_files, held_out_split, shared_files, shared_plan
-from .distributed import ParallelLayout, compute_dtype, full_value, local_device, mixed_precision
+from .data import DataError, batches_for, data_files, held_out_split, shared_files, shared_plan
+from .distributed import ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision
 from .loss import loss_context, next_token_loss
 from .metrics import ProgressReporter
 
@@ -25,12 +25,11 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
              progress: ProgressReporter | None = None) -> dict:
     """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
 
-    Under data parallelism every rank must run the same number of batches, and the mean is taken
-    over all ranks' batches.
+    Under data parallelism every rank runs the same number of batches (``_in_step``), and the mean
+    is taken over all ranks' batches.
     """
     total = torch.zeros(2, device=device)  # loss sum, batch count
-    # islice stops before fetching a batch past the last one (each fetch reads and tokenizes data).
-    for batch in islice(batches, max_batches or None):
+    for batch in _in_step(batches, max_batches, device):
         with autocast, loss_context(model):
             total[0] += full_value(next_token_loss(model, batch, device)["loss"])
         total[1] += 1
@@ -45,6 +44,46 @@ def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 
                          "micro_batch_size x (seq_len + 1) tokens")
     mean = (total[0] / total[1]).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+def _in_step(batches, max_batches: int, device: torch.device):
+    """Up to ``max_batches`` of ``batches`` (0: all), in step on every rank when distributed.
+
+    The model's forward passes are collectives, so before each batch the ranks agree (one tiny
+    all-reduce): all stop when any rank's data ends, and an exception of any rank's data is raised
+    on every rank, with that rank's message, instead of leaving the others waiting. ``islice``
+    stops before fetching a batch past the last one (each fetch reads and tokenizes data).
+    """
+    batches = islice(batches, max_batches or None)
+    while True:
+        batch, failure = None, None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            pass
+        except Exception as err:
+            failure = err
+        ended, failed = any_rank([batch is None and failure is None, failure is not None], device)
+        if failed:
+            _raise_on_every_rank(failure, device)
+        if ended:
+            return
+        yield batch
+
+
+def _raise_on_every_rank(failure: Exception | None, device: torch.device) -> None:
+    """Raise ``failure`` here, and the lowest failing rank's on the ranks without one."""
+    if not dist.is_initialized():
+        raise failure
+    world = dist.get_world_size()
+    first = torch.tensor([dist.get_rank() if failure is not None else world], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    source = int(first.item())
+    reason = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(reason, src=source)
+    if failure is not None:
+        raise failure
+    raise DataError(f"the held-out data of rank {source} failed: {reason[0]}")
 
 
 class Evaluator:

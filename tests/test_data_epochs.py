@@ -178,3 +178,44 @@ def test_held_out_data_the_filter_empties_fails_the_evaluation(tmp_path, bounded
     evaluator = Evaluator(config(paths=files), 1, 3, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     with pytest.raises(DataError, match=r"held-out-digits.parquet kept no document.*digit_ratio: 6"):
         evaluator(torch.nn.Module())  # fails before the model is called
+
+
+def _evaluate_uneven_and_failing() -> dict:
+    """Two dp ranks: rank 0 has 3 held-out batches, rank 1 has 5; then rank 1's data fails."""
+    import torch
+    import torch.distributed as dist
+
+    from argonne_dt.evaluation import evaluate
+
+    class MeanOfInputs(torch.nn.Module):
+        def forward(self, input, targets):
+            return input.float().mean()
+
+    rank, fetched = dist.get_rank(), []
+
+    def held_out(count, fail_at=None):
+        for index in range(count):
+            if index == fail_at:
+                raise UnicodeError("rank 1 met undecodable bytes")
+            fetched.append(index)
+            yield {"input": torch.full((1, 4), float(index)), "target": torch.zeros(1, 4, dtype=torch.long)}
+
+    cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    out = {"uneven": evaluate(MeanOfInputs(), held_out(3 + 2 * rank), cpu, off), "fetched": list(fetched)}
+    try:
+        evaluate(MeanOfInputs(), held_out(5, fail_at=2 if rank == 1 else None), cpu, off)
+    except Exception as err:
+        out["error"] = (type(err).__name__, str(err))
+    return out
+
+
+@pytest.mark.distributed
+def test_held_out_ranks_stop_together_and_fail_together():
+    from distributed import run_distributed
+
+    first, second = run_distributed(_evaluate_uneven_and_failing, 2)
+    # Both ranks evaluate the 3 batches rank 0 has (mean input (0 + 1 + 2) / 3 on both).
+    assert first["uneven"] == second["uneven"] and first["uneven"]["loss"] == 1.0
+    assert first["fetched"] == [0, 1, 2] and second["fetched"][:3] == [0, 1, 2]
+    assert second["error"] == ("UnicodeError", "rank 1 met undecodable bytes")
+    assert first["error"] == ("DataError", "the held-out data of rank 1 failed: UnicodeError: rank 1 met undecodable bytes")
