@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from .config import Config, DataConfig
 from .data import DataError
-from .distributed import ParallelLayout, compute_dtype, full_value, mixed_precision
+from .distributed import ParallelLayout, compute_dtype, full_value, local_device, mixed_precision
 from .tokenizer import BOS_TOKEN, load_tokenizer
 
 # Tokens of logits (tokens x vocab shard, fp32) formed at once by the scoring head.
@@ -240,7 +240,7 @@ def evaluate_multiple_choice(checkpoint: str, path: str, limit: int = 0, tokens_
     """Multiple-choice accuracy of a checkpoint (one process; its GPU when it has one)."""
     from .checkpoint import load_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     model, cfg = load_model(checkpoint, device=device)
     task = MultipleChoiceTask(path, cfg.data, cfg.model.max_seq_len, limit)
     autocast = mixed_precision(compute_dtype(cfg, device), device)
