@@ -472,21 +472,3 @@ def test_held_out_files_that_are_training_files_are_named_at_start_up(shards, tm
         Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), SimpleNamespace(rank=0, dp=1))
     assert "training files too" not in caplog.text
 
-
-def test_an_evaluation_fetches_only_the_batches_it_uses():
-    from argonne_dt.evaluation import evaluate
-
-    class MeanOfInputs(torch.nn.Module):
-        def forward(self, input, targets):
-            return input.float().mean()
-
-    fetched = []
-
-    def held_out_batches():
-        for index in range(10):
-            fetched.append(index)
-            yield {"input": torch.full((1, 4), index), "target": torch.zeros(1, 4, dtype=torch.long)}
-
-    result = evaluate(MeanOfInputs(), held_out_batches(), torch.device("cpu"), torch.autocast("cpu", enabled=False),
-                      max_batches=3)
-    assert fetched == [0, 1, 2] and result["loss"] == 1.0

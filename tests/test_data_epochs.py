@@ -1,5 +1,5 @@
-"""Epochs under ``data.loop``: a change of dp size when the ranks are in different epochs, and a
-share that keeps no document."""
+"""Epochs under ``data.loop``: a change of dp size when the ranks are in different epochs, a share
+that keeps no document; held-out batches: fetched only when used, in step across dp ranks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import torch
 
 from argonne_dt.config import DataConfig
 from argonne_dt.data import (
@@ -22,6 +23,7 @@ from argonne_dt.data import (
     plan_shares,
     reshard_positions,
 )
+from argonne_dt.evaluation import Evaluator, evaluate
 from conftest import WORDS, record_documents, write_parquet
 
 
@@ -169,10 +171,6 @@ def test_a_share_emptied_after_a_dealt_remainder_fails_after_one_pass_of_its_own
 
 
 def test_held_out_data_the_filter_empties_fails_the_evaluation(tmp_path, bounded_passes):
-    import torch
-
-    from argonne_dt.evaluation import Evaluator
-
     digits = ["1234567890 " * 8 + str(i) for i in range(6)]
     files = [write_parquet(tmp_path / "held-out-digits.parquet", digits, row_group_size=4)]
     evaluator = Evaluator(config(paths=files), 1, 3, torch.device("cpu"), torch.autocast("cpu", enabled=False))
@@ -180,30 +178,38 @@ def test_held_out_data_the_filter_empties_fails_the_evaluation(tmp_path, bounded
         evaluator(torch.nn.Module())  # fails before the model is called
 
 
+class _MeanOfInputs(torch.nn.Module):
+    """A stand-in model whose loss is the mean input id: which batches it saw shows in the loss."""
+
+    def forward(self, input, targets):
+        return input.float().mean()
+
+
+def _held_out(count: int, fetched: list, fail_at: int | None = None):
+    """Batches of constant ids 0, 1, ...; each fetch recorded; an error at batch ``fail_at``."""
+    for index in range(count):
+        if index == fail_at:
+            raise UnicodeError("rank 1 met undecodable bytes")
+        fetched.append(index)
+        yield {"input": torch.full((1, 4), float(index)), "target": torch.zeros(1, 4, dtype=torch.long)}
+
+
+def test_an_evaluation_fetches_only_the_batches_it_uses():
+    fetched = []
+    result = evaluate(_MeanOfInputs(), _held_out(10, fetched), torch.device("cpu"),
+                      torch.autocast("cpu", enabled=False), max_batches=3)
+    assert fetched == [0, 1, 2] and result["loss"] == 1.0
+
+
 def _evaluate_uneven_and_failing() -> dict:
     """Two dp ranks: rank 0 has 3 held-out batches, rank 1 has 5; then rank 1's data fails."""
-    import torch
     import torch.distributed as dist
 
-    from argonne_dt.evaluation import evaluate
-
-    class MeanOfInputs(torch.nn.Module):
-        def forward(self, input, targets):
-            return input.float().mean()
-
     rank, fetched = dist.get_rank(), []
-
-    def held_out(count, fail_at=None):
-        for index in range(count):
-            if index == fail_at:
-                raise UnicodeError("rank 1 met undecodable bytes")
-            fetched.append(index)
-            yield {"input": torch.full((1, 4), float(index)), "target": torch.zeros(1, 4, dtype=torch.long)}
-
     cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
-    out = {"uneven": evaluate(MeanOfInputs(), held_out(3 + 2 * rank), cpu, off), "fetched": list(fetched)}
+    out = {"uneven": evaluate(_MeanOfInputs(), _held_out(3 + 2 * rank, fetched), cpu, off), "fetched": list(fetched)}
     try:
-        evaluate(MeanOfInputs(), held_out(5, fail_at=2 if rank == 1 else None), cpu, off)
+        evaluate(_MeanOfInputs(), _held_out(5, [], fail_at=2 if rank == 1 else None), cpu, off)
     except Exception as err:
         out["error"] = (type(err).__name__, str(err))
     return out
