@@ -124,3 +124,22 @@ def test_collective_bytes_of_a_real_step_equal_the_closed_form(tp, dp, ac):
     expected = collective_bytes(replace(MODEL, num_layers=2), tp, dp, ac, BATCH, SEQ, micro_batches=2)
     # Rank 0 (tp rank 0 holds the larger share of an uneven vocabulary, which the closed form counts).
     assert counted[0] == dict(expected)
+
+
+@pytest.mark.parametrize("tokens", [512, 4096])
+def test_the_measured_loss_transient_agrees_with_the_loss_modules_count(tokens):
+    """Two derivations of the fused loss's peak at TP 1 (4b9 widths): the planner's, measured through
+    the model's loss path and scaled to the planned shape, and ``loss.fused_loss_bytes``, counted
+    from the code of the chunk loop."""
+    import math
+
+    from argonne_dt.config import load_config
+    from argonne_dt.loss import fused_loss_bytes, transposed_weight_copy
+    from argonne_dt.plan import measured_activations
+
+    m = load_config("4b9.toml").model
+    measured = measured_activations(m, 1, False, "full", 1, tokens)
+    cpu = torch.device("cpu")
+    counted = fused_loss_bytes(tokens, measured.loss_chunk, m.vocab_size, m.hidden_size, torch.bfloat16,
+                               transposed_copy=transposed_weight_copy(cpu, torch.bfloat16))
+    assert measured.loss_chunk and math.isclose(measured.loss_peak, counted, rel_tol=0.02)
