@@ -1,19 +1,19 @@
 """The plan of a run on GPUs this machine does not have: memory per GPU, communication per step,
 predicted step time, and the layouts ranked (the command line is ``benchmarks/plan.py``).
 
-Nothing here is a byte formula written by hand for activations or collectives:
+No byte of activation memory comes from a formula written by hand:
 
 - parameters, gradients and AdamW state are counted from the local shards of the really
   parallelized model, built on the meta device under a fake process group of the planned world
   size (and checked against the closed form);
-- activations are measured: one block of the model at its real widths runs a training step on CPU
-  under bf16 autocast and a fake process group of the planned tensor-parallel degree, and
-  ``StepRecorder`` follows every storage an operator creates until it is freed. What a block keeps
-  for backward, the embedding's output, the autocast bf16 weight copies, the peak of one block's
-  backward (with its recomputation), the loss's transient per logit and what FSDP2 keeps between
-  micro-batches come from that run, per token (the bytes kept are linear in the tokens; the test
-  checks it at another shape). A GPU keeps what a CPU keeps, except that its attention kernel may
-  save a little more (``benchmarks/gpu_check.py`` measures the difference);
+- activations are measured: one block of the model at its real widths runs a training step at the
+  planned micro-batch on fake tensors (shapes without memory or arithmetic) under bf16 autocast and
+  a fake process group of the planned tensor-parallel degree, and ``StepRecorder`` follows every
+  storage an operator creates until it is freed. What a block keeps for backward, the embedding's
+  output, autocast's bf16 weight copies, the peak of one block's backward (with its recomputation),
+  what FSDP2 keeps between micro-batches and (from a small real run scaled to the planned shape)
+  the loss's transient come from such runs. The operators are the CPU's; a GPU's attention kernel
+  may save a little more (the GPU check measures the whole step);
 - communication: ``collective_bytes`` is the closed form of every collective of one step, tested
   equal to ``StepRecorder``'s count of a real gloo step for tp 2, dp 2 and 2 x 2.
 
@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides, load_config
-from .distributed import build_layout, layout_of
+from .distributed import build_layout
 from .metrics import PEAK_BF16_FLOPS
 from .parallelize import build_model
 
