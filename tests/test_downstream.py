@@ -85,7 +85,7 @@ def test_both_layouts_read_alike_and_bad_lines_are_named(tmp_path, task_file):
 def _hugging_face_log_likelihoods(hf_dir: Path, task: MultipleChoiceTask) -> list[list[float]]:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
     sums = [[] for _ in task.answers]
     with torch.no_grad():
         for choice in task.choices:
