@@ -1,4 +1,5 @@
-"""Errors the user fixes in the command (a config value, the data) end it with their message, not a traceback.
+"""Errors the user fixes in the command (a config value, the data, a checkpoint path) end it with their message,
+not a traceback.
 
 Under torchrun every rank meets the same error (plans, files and batches are shared from one rank),
 so the message is printed once, by global rank 0; ``--debug`` raises it with its traceback instead.
@@ -10,12 +11,14 @@ import os
 import sys
 from collections.abc import Callable
 
+from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .tokenizer import TokenizerError
 
 # What each kind of error is called in the one line a command prints.
-USER_ERRORS = {ConfigError: "config error", DataError: "data error", TokenizerError: "tokenizer error"}
+USER_ERRORS = {ConfigError: "config error", DataError: "data error", TokenizerError: "tokenizer error",
+               CheckpointError: "checkpoint error"}
 EXIT_CODE = 2
 
 

@@ -43,6 +43,13 @@ def test_an_error_from_the_reader_thread_prints_its_own_message_once(tmp_path, c
         run_reporting_user_errors(read, debug=True)
 
 
+@pytest.mark.e2e
+def test_a_wrong_checkpoint_path_ends_evaluate_py_with_one_line(tmp_path):
+    done = _launch("launch/evaluate.py", "--checkpoint", str(tmp_path / "none"), "--multiple-choice", "x.jsonl")
+    assert done.returncode == EXIT_CODE and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"checkpoint error: {tmp_path / 'none'}: no complete checkpoint here")
+
+
 def _launch(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
