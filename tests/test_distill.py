@@ -288,7 +288,8 @@ def _distill_jobs(tmp: str, corpus_dir: str, teacher: str) -> dict:
                "second": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings)),
                "alpha_one": distilling.distill(make_config(f"{tmp}/alpha_one", corpus_dir, **{
                    **settings, "distill.alpha": 1.0, "train.steps": 3})),
-               "pretraining": train(make_config(f"{tmp}/pretraining", corpus_dir, **{"parallel.tp": 2, "train.steps": 3}))}
+               "pretraining": train(make_config(f"{tmp}/pretraining", corpus_dir, **{
+                   "parallel.tp": 2, "train.steps": 3, "train.loss_chunk_tokens": 24}))}
     finally:
         distilling.load_teacher = real_load
     out["teacher_unchanged"] = all(torch.equal(full_value(p), before[n]) for model, before in loaded
