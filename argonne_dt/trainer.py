@@ -140,7 +140,7 @@ class Trainer:
             self.checkpointer.restore(latest)
         elif self.cfg.checkpoint.initial_load_path:
             initial = resolve_checkpoint(self.cfg.checkpoint.initial_load_path)
-            config_changes(initial, self.cfg)  # refuses model settings the weights were not trained with
+            config_changes(initial, self.cfg, resuming=False)  # refuses model settings the weights were not trained with
             load_checkpoint(initial, ModelOptimizerState(self.model, None), self.checkpointer.process_group)
 
     def next_micro_batches(self) -> list[dict] | None:
