@@ -605,7 +605,8 @@ class TokenPacker(BaseNode[dict]):
 
     A whole pass over the share (an epoch read from its start) that keeps no document raises a
     ``DataError`` naming ``owner``, the files and the rules that dropped them: with ``data.loop``
-    the packer would otherwise wait for a document forever.
+    the packer would otherwise wait for a document forever, and without it the data would end
+    before its first batch with nothing to say why.
     """
 
     def __init__(self, source: BaseNode[TokenizedDocs], window: int, resumption: Resumption | None = None,
@@ -654,16 +655,19 @@ class TokenPacker(BaseNode[dict]):
         self._epoch, self._barren = epoch, whole
         self._barren_dropped, self._barren_files = Counter(), []
 
+    def _barren_pass(self) -> DataError:
+        files = self._barren_files
+        rules = ", ".join(f"{rule}: {count}, set by {QualityFilterTokenizer.RULES[rule]}"
+                          for rule, count in self._barren_dropped.most_common())
+        return DataError(
+            f"{self.owner}: a whole pass over {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
+            f"kept no document: the quality filter dropped all {sum(self._barren_dropped.values())} "
+            f"documents ({rules}); change those settings, or the files of data.paths / data.eval_paths")
+
     def _watch_for_a_barren_pass(self, batch: TokenizedDocs) -> None:
         if batch.end.epoch != self._epoch:
             if self._barren:
-                files = self._barren_files
-                rules = ", ".join(f"{rule}: {count}, set by {QualityFilterTokenizer.RULES[rule]}"
-                                  for rule, count in self._barren_dropped.most_common())
-                raise DataError(
-                    f"{self.owner}: a whole pass over {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
-                    f"kept no document: the quality filter dropped all {sum(self._barren_dropped.values())} "
-                    f"documents ({rules}); change those settings, or the files of data.paths / data.eval_paths")
+                raise self._barren_pass()
             self._start_pass(batch.end.epoch, whole=True)
         if batch.docs:
             self._barren = False
@@ -675,7 +679,14 @@ class TokenPacker(BaseNode[dict]):
     def _next_document(self) -> list[int]:
         while self._doc_index >= len(self._batch.docs):
             self._source_state = self.source.state_dict()
-            self._batch = next(self.source)
+            try:
+                self._batch = next(self.source)
+            except StopIteration:
+                # data.loop false: the source ends after one pass, before a next epoch shows it barren.
+                # (A pass that read no row at all is the reader's to report: it warned of each file.)
+                if self._barren and self._barren_dropped:
+                    raise self._barren_pass() from None
+                raise
             self._doc_index = 0
             self.dropped.update(self._batch.dropped)
             self._watch_for_a_barren_pass(self._batch)
@@ -779,13 +790,21 @@ class TensorParallelBatches:
                                  resumption=resumption)
 
     def __iter__(self):
-        self._batches = iter(self.loader) if self.loader is not None else None
+        self._batches = None  # made by the first read (_read), where its errors are forwarded
         return self
 
     def __next__(self) -> dict:
         if self.group is None:
-            return next(self._batches)
+            return self._read()
         return self._send() if self.loader is not None else self._receive()
+
+    def _read(self) -> dict:
+        """The reader's next batch. The loader's iterator is made here, not in ``__iter__``: making it
+        resets the pipeline, which raises a resume's errors (a data position that data.paths no longer
+        matches), and those must come from ``next`` like any other, to reach the peers and the dp ranks."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return next(self._batches)
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tensor, group=self.group, group_src=0)
@@ -798,7 +817,7 @@ class TensorParallelBatches:
 
     def _send(self) -> dict:
         try:
-            batch = next(self._batches)
+            batch = self._read()
         except StopIteration:
             self._signal(self.END)
             raise

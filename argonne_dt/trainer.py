@@ -256,7 +256,7 @@ class Trainer:
         """Train until ``train.steps``, a stop signal or the end of the data; returns status, final
         step, per-step losses and the last checkpoint. ``on_step(step, record)`` runs on every rank."""
         signals, status = StopSignals(), "completed"
-        self.batches = iter(self.data)
+        self.batches = iter(self.data)  # reads nothing: the first read and its errors come in next_micro_batches
         try:
             while self.progress.step < self.cfg.train.steps:
                 micro_batches = self.next_micro_batches()
