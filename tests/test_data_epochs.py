@@ -198,6 +198,8 @@ def test_without_loop_a_share_the_filter_empties_fails_instead_of_ending(tmp_pat
 class _MeanOfInputs(torch.nn.Module):
     """A stand-in model whose loss is the mean input id: which batches it saw shows in the loss."""
 
+    config = type("Config", (), {"vocab_size": 10})()  # the targets (zeros) are checked against it
+
     def forward(self, input, targets):
         return input.float().mean()
 
