@@ -6,7 +6,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 from .config import OptimConfig
 
@@ -63,6 +63,10 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 
     With DTensor gradients ``get_total_norm`` returns a DTensor whose placements carry the pending
     reduction; ``full_tensor()`` performs it, so every rank sees the same global norm.
+
+    Gradients that are still a pending sum (``Partial``: the sequence-parallel norm weights') are
+    scaled one by one: torch 2.11's ``_foreach_mul_`` all-reduces a copy of them, scales the copy and
+    leaves the gradients unclipped. ``mul_`` scales each rank's part (a sum scales with its terms).
     """
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
@@ -70,5 +74,13 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     if isinstance(total, DTensor):
         total = total.full_tensor()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+        pending = [_is_pending_sum(p.grad) for p in parameters]
+        torch.nn.utils.clip_grads_with_norm_([p for p, sum_ in zip(parameters, pending) if not sum_], max_norm, total,
+                                             foreach=True)
+        torch.nn.utils.clip_grads_with_norm_([p for p, sum_ in zip(parameters, pending) if sum_], max_norm, total,
+                                             foreach=False)
     return total
+
+
+def _is_pending_sum(grad: torch.Tensor) -> bool:
+    return isinstance(grad, DTensor) and any(isinstance(p, Partial) for p in grad.placements)
