@@ -304,7 +304,7 @@ def test_resume_with_other_files_fails_clearly(shards, tmp_path):
     state = loader.state_dict()
     other = build_data_loader(config(), 2, files=list(reversed(files)))
     other.load_state_dict(state)
-    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths now lists other files"):
+    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths and data.eval_split now give other rows there"):
         next(iter(other))
 
 
