@@ -55,10 +55,11 @@ def share_loader(cfg: DataConfig, micro_batch_size: int, plan: SharePlan, dp_ran
 class TensorParallelBatches:
     """A dp rank's batches as all ranks of its tensor-parallel group see them.
 
-    Only the group's first rank (``layout.reads_data``) reads and tokenizes; each batch reaches the peers by
-    broadcast. The vocab-parallel embedding and loss combine partial results across the group, so
-    its ranks must hold the same tokens: a read error on one rank cannot make them differ, and the
-    tokenization is done once instead of tp times. No layout, or tp 1: a group of one, no communication.
+    Only the group's first rank (``layout.reads_data``) reads and tokenizes; each batch reaches the
+    peers by broadcast. The vocab-parallel embedding and loss combine partial results across the
+    group, so its ranks must hold the same tokens: a read error on one rank cannot make them differ,
+    and the tokenization is done once instead of tp times. No layout, or tp 1: a group of one, no
+    communication.
 
     Per micro-batch two tensors go by ``dist.broadcast``, nothing is pickled: a header of int64
     (status, window shape, the running document and drop counts) and the windows of token ids.
