@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, grad_accum_steps, validate
-from .data import batches_for
-from .distributed import any_rank, build_layout, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype
+from .data import DataError, batches_for
+from .distributed import (any_rank, build_layout, compute_dtype, host_group, init_distributed, mixed_precision,
+                          raise_on_every_rank, resolve_auto_dtype)
 from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
@@ -30,6 +31,8 @@ from .metrics import LogWindow, MetricsLogger, peak_flops, peak_memory_gib, prog
 from .optim import build_optimizer, build_scheduler
 from .parallelize import build_model
 from .step import Objective, StepResult, train_step
+
+HOST = torch.device("cpu")  # where the tensors of the host group's decisions live
 
 
 class TrainingError(RuntimeError):
@@ -105,6 +108,7 @@ class Trainer:
         # Asynchronous saves run their collectives in a background thread, beside training's: they
         # need a process group of their own (gloo: the data being written is on the CPU by then).
         checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
+        self.host_group = host_group()
         self.checkpointer = Checkpointer(
             Path(cfg.job.dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
             ModelOptimizerState(self.model, self.optimizer),
@@ -139,15 +143,20 @@ class Trainer:
             load_checkpoint(initial, ModelOptimizerState(self.model, None), self.checkpointer.process_group)
 
     def next_micro_batches(self) -> list[dict] | None:
-        """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop`` false)."""
-        batches, ended = [], False
+        """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop``
+        false). An exception of any rank's data is raised on every rank, with that rank's message.
+        Agreed over the host group: no wait for a device."""
+        batches, ended, failure = [], False, None
         try:
             batches = [next(self.batches) for _ in range(self.grad_accum_steps)]
         except StopIteration:
             ended = True
-        if not self.cfg.data.loop and any_rank([ended], self.device)[0]:
-            return None
-        return batches
+        except Exception as err:
+            failure = err
+        ended, failed = any_rank([ended, failure is not None], HOST, self.host_group)
+        if failed:
+            raise_on_every_rank(failure, DataError, "the training data", HOST, self.host_group)
+        return None if ended else batches
 
     def step(self, micro_batches: list[dict]) -> StepResult:
         """One optimizer step and the counters, schedule and checkpoint publishing that follow it."""
@@ -259,7 +268,7 @@ class Trainer:
                 self.sample_if_due()
                 if on_step is not None:
                     on_step(self.progress.step, record)
-                stop = any_rank([signals.requested], self.device)[0]  # one decision for all ranks
+                stop = any_rank([signals.requested], HOST, self.host_group)[0]  # one decision for all ranks
                 self.save_if_due(stop)
                 if stop:
                     status = "preempted"
