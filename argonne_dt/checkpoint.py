@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, with_added_keys
 from .distributed import ParallelLayout
 from .parallelize import build_model
 
@@ -328,16 +328,18 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=
 _FIXED_BY_WEIGHTS = ("rope_theta", "norm_eps", "num_heads", "num_kv_heads", "head_dim")
 
 
-def config_changes(path: Path, cfg: Config) -> list[str]:
+def config_changes(path: Path, cfg: Config, resuming: bool = True) -> list[str]:
     """``section.key: old -> new`` for every value of ``cfg`` that differs from the checkpoint's config.json.
 
     A run may change its optimizer, schedule, data or logging when it resumes; a change of a model
-    value the weights were trained with (RoPE base, norm epsilon, the head split) is refused.
+    value the weights were trained with (RoPE base, norm epsilon, the head split) is refused; so is,
+    when ``resuming`` (the run continues its data position, not only its weights), a change of
+    data.eval_split, which would move the cut between training and held-out rows.
     """
     source = Path(path) / "config.json"
     if not source.exists():
         return []
-    stored = json.loads(source.read_text())
+    stored = with_added_keys(json.loads(source.read_text()))
     changes = [(f"{section}.{key}", stored[section][key], value)
                for section, values in cfg.to_dict().items() if section in stored
                for key, value in values.items() if key in stored[section] and stored[section][key] != value]
@@ -346,6 +348,12 @@ def config_changes(path: Path, cfg: Config) -> list[str]:
             raise CheckpointError(
                 f"{key} is {new!r} in this config but {old!r} in {source}: the checkpoint's weights were "
                 f"trained with {old!r}; set {key}={old!r} to continue from it, or start a new run"
+            )
+        if key == "data.eval_split" and resuming:
+            raise CheckpointError(
+                f"data.eval_split is {new!r} in this config but {old!r} in {source}: another split would hold out "
+                f"rows the run has trained on, or train on held-out ones; set --data.eval_split={old!r} to resume, "
+                "or start a new run (another job.dir; checkpoint.initial_load_path keeps the weights)"
             )
     return [f"{key}: {old!r} -> {new!r}" for key, old, new in changes]
 

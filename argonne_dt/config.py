@@ -110,9 +110,10 @@ class DataConfig:
     eval_paths: list[str] = _doc("held-out parquet files / dirs / globs for validation; empty: the sample "
                                  "corpus's held-out split when data.paths is empty too, else data.eval_split "
                                  "of data.paths", default_factory=list)
-    eval_split: float = _doc("held out of data.paths when data.eval_paths is empty (never trained on): a fraction "
-                             "of the rows (< 1, spread evenly over the row groups), or a whole number N >= 1 of "
-                             "whole files (the last N); 0: none", default=0.005)
+    eval_split: float = _doc("held out of data.paths when data.eval_paths is empty (never trained on, also with "
+                             "train.eval_every=0): a fraction of the rows (< 1, spread evenly over the row groups "
+                             "of each file), or a whole number N >= 1 of whole files (the last N); 0: none, every "
+                             "row trains; fixed for a run (a resume with another value is refused)", default=0.005)
 
 
 @dataclass
@@ -267,6 +268,18 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
 
 # Keys that moved: (old section, key) -> (section, key). Old configs and checkpoints still load.
 _MOVED = {("distill", "chunk_tokens"): ("train", "loss_chunk_tokens")}
+# Keys added after runs were saved whose default is not what those runs did: the value a stored config
+# without the key ran with (no held-out split before data.eval_split).
+_ADDED = {("data", "eval_split"): 0.0}
+
+
+def with_added_keys(stored: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A stored config (``Config.to_dict()`` of a checkpoint) with the keys of ``_ADDED`` it lacks."""
+    filled = {section: dict(values) for section, values in stored.items()}
+    for (section, key), value in _ADDED.items():
+        if section in filled:
+            filled[section].setdefault(key, value)
+    return filled
 
 
 def _apply(config: Config, section: str, key: str, value: Any, source: str) -> None:
@@ -355,7 +368,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (as stored in a checkpoint)."""
     config = Config()
-    for section, values in data.items():
+    for section, values in with_added_keys(data).items():
         for key, value in values.items():
             _apply(config, section, key, value, "stored config")
     validate(config)

@@ -3,8 +3,9 @@
 A task is a JSONL file the user gives (nothing is downloaded): one question per line, in
 HellaSwag's layout ``{"ctx": ..., "endings": [...], "label": 0}`` or as ``{"context": ...,
 "choices": [...], "answer": 0}``. Each choice is the context followed by that ending; its score
-is the mean log-likelihood of the ending's tokens (length-normalized, as build-nanogpt and OLMo
-report HellaSwag; the unnormalized sum is reported too). The per-token losses come from the
+is the mean log-likelihood of the ending's tokens (per token, as build-nanogpt reports HellaSwag);
+the log-likelihood divided by the ending's characters (lm-evaluation-harness's ``acc_norm``) and the
+unnormalized sum (its ``acc``) are reported too. The per-token losses come from the
 model as it trains: its final hidden states through its own lm_head (vocab-sharded under tensor
 parallelism, gathered by FSDP2 inside the forward pass), ``logsumexp - logit[target]`` by
 ``F.cross_entropy(reduction="none")`` (under ``loss_parallel`` when the logits are vocab-sharded),
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from .config import Config, DataConfig
-from .data import DataError
+from .data import DataError, computed_once
 from .distributed import ParallelLayout, compute_dtype, full_value, local_device, mixed_precision
 from .tokenizer import BOS_TOKEN, load_tokenizer
 
@@ -38,6 +39,7 @@ class Question:
     context: str
     choices: tuple[str, ...]
     answer: int
+    where: str = field(default="", compare=False)  # FILE:LINE, for errors found later
 
 
 def _question(record, where: str) -> Question:
@@ -57,14 +59,14 @@ def _question(record, where: str) -> Question:
         raise DataError(f"{where}: the context must be text and the choices a list of at least two non-empty texts")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise DataError(f"{where}: the answer {answer!r} is not the index of one of its {len(choices)} choices")
-    return Question(context, tuple(choices), answer)
+    return Question(context, tuple(choices), answer, where)
 
 
 def read_questions(path: str | Path, limit: int = 0) -> list[Question]:
     """The questions of a JSONL file (the first ``limit``; 0: all)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte order mark is not JSON
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read the multiple-choice file ({err})") from None
     questions = []
@@ -86,31 +88,41 @@ def read_questions(path: str | Path, limit: int = 0) -> list[Question]:
 @dataclass(frozen=True)
 class Choice:
     """One choice as the model reads it: ``tokens`` (context then ending), the last ``scored`` of
-    which are the ending's."""
+    which are the ending's; ``characters``: the length of the ending's text as given."""
 
     question: int
     index: int
     tokens: tuple[int, ...]
     scored: int
+    characters: int
 
 
 def encode_choices(questions: list[Question], data_cfg: DataConfig, max_len: int, source: str) -> list[Choice]:
     """Every choice tokenized as training documents are (BOS first), at most ``max_len`` + 1 tokens
     (the context's start is dropped when longer). The ending follows the context after one space,
-    unless either side brings its own whitespace."""
+    unless either side brings its own whitespace. As lm-evaluation-harness splits a choice: the
+    context's trailing whitespace starts the ending; the context's own tokens come first, then those
+    of context and ending tokenized as one text past the context's count."""
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     encode = tokenizer.backend_tokenizer.encode
     bos = [tokenizer.convert_tokens_to_ids(BOS_TOKEN)] if data_cfg.add_bos else []
     choices = []
     for number, question in enumerate(questions):
-        context = bos + encode(question.context, add_special_tokens=False).ids
+        context = question.context.rstrip()
+        if not context and not bos:
+            raise DataError(f"{question.where or source}: an empty context with data.add_bos=false leaves the "
+                            "first token of each ending nothing to be predicted from: give a context, or set "
+                            "data.add_bos=true")
+        context_tokens = bos + encode(context, add_special_tokens=False).ids
         for index, text in enumerate(question.choices):
-            joined = text if question.context[-1:].isspace() or text[:1].isspace() else " " + text
-            ending = encode(joined, add_special_tokens=False).ids
-            if len(ending) > max_len:
-                raise DataError(f"{source}: choice {index} of question {number + 1} has {len(ending)} tokens, more "
-                                f"than the model's {max_len} positions")
-            choices.append(Choice(number, index, tuple((context + ending)[-(max_len + 1):]), len(ending)))
+            trailing = question.context[len(context):]
+            ending = trailing + text if trailing or text[:1].isspace() else " " + text
+            ending_tokens = (bos + encode(context + ending, add_special_tokens=False).ids)[len(context_tokens):]
+            tokens, scored = context_tokens + ending_tokens, len(ending_tokens)
+            if not 0 < scored <= max_len:
+                raise DataError(f"{question.where or source}: choice {index} has {scored} tokens of its own, "
+                                f"not 1 to the model's {max_len} positions")
+            choices.append(Choice(number, index, tuple(tokens[-(max_len + 1):]), scored, len(text)))
     return choices
 
 
@@ -150,22 +162,28 @@ def _padded(length: int, multiple: int) -> int:
 
 @dataclass
 class MultipleChoiceScores:
-    """Per question and choice: summed log-likelihood of the ending and its token count."""
+    """Per question and choice: summed log-likelihood of the ending, its token count and the
+    characters of its text."""
 
     log_likelihoods: list[list[float]]
     token_counts: list[list[int]]
+    character_counts: list[list[int]]
     answers: list[int]
 
-    def accuracy(self, normalized: bool = True) -> float:
+    def accuracy(self, per: str | None = "token") -> float:
+        """The share of questions whose answer scores highest, a choice's score being its log-likelihood
+        per ``"token"`` or ``"character"`` of its ending, or (None) the log-likelihood itself."""
+        lengths = {"token": self.token_counts, "character": self.character_counts,
+                   None: [[1] * len(lls) for lls in self.log_likelihoods]}[per]
         right = 0
-        for lls, counts, answer in zip(self.log_likelihoods, self.token_counts, self.answers):
-            scores = [ll / count for ll, count in zip(lls, counts)] if normalized else lls
+        for lls, counts, answer in zip(self.log_likelihoods, lengths, self.answers):
+            scores = [ll / count for ll, count in zip(lls, counts)]
             right += max(range(len(scores)), key=scores.__getitem__) == answer
         return right / len(self.answers)
 
     def metrics(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy(), "accuracy_unnormalized": self.accuracy(normalized=False),
-                "questions": len(self.answers)}
+        return {"accuracy": self.accuracy(), "accuracy_per_char": self.accuracy(per="character"),
+                "accuracy_unnormalized": self.accuracy(per=None), "questions": len(self.answers)}
 
 
 class MultipleChoiceTask:
@@ -174,20 +192,12 @@ class MultipleChoiceTask:
 
     def __init__(self, path: str | Path, data_cfg: DataConfig, max_len: int, limit: int = 0):
         self.path = str(path)
-        outcome: list = [None]
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            try:
-                questions = read_questions(path, limit)
-                outcome[0] = ("ok", ([q.answer for q in questions],
-                                     encode_choices(questions, data_cfg, max_len, self.path)))
-            except DataError as err:
-                outcome[0] = ("error", str(err))
-        if dist.is_initialized():
-            dist.broadcast_object_list(outcome, src=0)
-        kind, value = outcome[0]
-        if kind == "error":
-            raise DataError(value)
-        self.answers, self.choices = value
+
+        def read_and_encode():
+            questions = read_questions(path, limit)
+            return [q.answer for q in questions], encode_choices(questions, data_cfg, max_len, self.path)
+
+        self.answers, self.choices = computed_once(read_and_encode)
 
     @classmethod
     def for_run(cls, cfg: Config) -> MultipleChoiceTask:
@@ -218,10 +228,13 @@ class MultipleChoiceTask:
         if dp > 1:
             dist.all_reduce(sums, group=layout.dp_mesh.get_group())
         counts: list[list[int]] = [[] for _ in self.answers]
+        characters: list[list[int]] = [[] for _ in self.answers]
         for choice in self.choices:
             counts[choice.question].append(choice.scored)
+            characters[choice.question].append(choice.characters)
         sums = sums.cpu()
-        return MultipleChoiceScores([sums[q, : len(c)].tolist() for q, c in enumerate(counts)], counts, self.answers)
+        return MultipleChoiceScores([sums[q, : len(c)].tolist() for q, c in enumerate(counts)], counts, characters,
+                                    self.answers)
 
     @staticmethod
     def _losses(model, batch: list[Choice], device: torch.device, autocast, pad_multiple: int) -> torch.Tensor:

@@ -10,13 +10,17 @@ is left out of the numerator and the denominator of the mean (and of the distill
 no gradient. Unlike ``F.cross_entropy`` (nan), a micro-batch whose every token is ignored has loss 0
 and no gradient. Each micro-batch's loss is the mean over its own counted tokens, and accumulation
 (``step.accumulate_gradients``) and data parallelism weigh micro-batches equally. Any other id
-outside ``[0, vocab)`` is an error.
+outside ``[0, vocab)`` is an error where the targets are on the host: the objectives check each
+micro-batch there before its copy to the device (``batch_on``), and a loss called with CPU targets
+checks them; targets already on a GPU are not checked (``check_targets`` would make the host wait for
+the device once per micro-batch).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch

@@ -271,9 +271,14 @@ class MetricsLogger:
 
 def one_line(text: str, limit: int = CONSOLE_TEXT_CHARS) -> str:
     """``text`` for one console line: a run of whitespace with a newline in it becomes ``\\n``, any other
-    run one space, and more than ``limit`` characters are cut (ending in ``...``)."""
+    run one space, and more than ``limit`` characters are cut (ending in ``...``), never inside a ``\\n``."""
     text = re.sub(r"\s+", lambda run: "\\n" if "\n" in run.group() else " ", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    cut = limit - 3
+    if text[cut - 1 : cut + 1] == "\\n":
+        cut -= 1
+    return text[:cut] + "..."
 
 
 def _drop_records_after(path: Path, step: int) -> None:

@@ -139,7 +139,7 @@ class Trainer:
             self.checkpointer.restore(latest)
         elif self.cfg.checkpoint.initial_load_path:
             initial = resolve_checkpoint(self.cfg.checkpoint.initial_load_path)
-            config_changes(initial, self.cfg)  # refuses model settings the weights were not trained with
+            config_changes(initial, self.cfg, resuming=False)  # refuses model settings the weights were not trained with
             load_checkpoint(initial, ModelOptimizerState(self.model, None), self.checkpointer.process_group)
 
     def next_micro_batches(self) -> list[dict] | None:
@@ -255,7 +255,7 @@ class Trainer:
         """Train until ``train.steps``, a stop signal or the end of the data; returns status, final
         step, per-step losses and the last checkpoint. ``on_step(step, record)`` runs on every rank."""
         signals, status = StopSignals(), "completed"
-        self.batches = iter(self.data)
+        self.batches = iter(self.data)  # reads nothing: the first read and its errors come in next_micro_batches
         try:
             while self.progress.step < self.cfg.train.steps:
                 micro_batches = self.next_micro_batches()

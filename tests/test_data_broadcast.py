@@ -129,3 +129,40 @@ def test_a_data_error_of_one_dp_rank_stops_every_rank_with_its_message(tmp_path)
     first, second = run_distributed(_dp_rank_whose_data_fails, 2, str(tmp_path / "job"), str(corpus))
     assert second == ("UnicodeError", "undecodable bytes", 2)
     assert first == ("DataError", "the training data of rank 1 failed: UnicodeError: undecodable bytes", 2)
+
+
+def _resume_with_other_paths(saved_paths: list[str], paths: list[str]) -> tuple[str, str]:
+    """tp 2 (rank 0 reads), or one process: resume a data position saved with ``saved_paths`` while
+    data.paths lists ``paths``; ``iter`` outside the try, as the trainer calls it."""
+    import torch.distributed as dist
+
+    from argonne_dt.config import DataConfig
+    from argonne_dt.data import batches_for
+
+    def batches(paths, layout=None):
+        cfg = DataConfig(paths=paths, seq_len=15, num_workers=1, prefetch=2, tokenize_batch_size=3, min_tokens=1)
+        return batches_for(cfg, 1, layout)
+
+    first = batches(saved_paths)
+    list(islice(iter(first), 3))
+    distributed = dist.is_initialized()
+    resumed = batches(paths, dp_layout(0, 1, reads_data=not distributed or dist.get_rank() == 0,
+                                       tp_group=dist.group.WORLD if distributed else None))
+    resumed.load_state_dict(first.state_dict())
+    resumed_batches = iter(resumed)
+    try:
+        next(resumed_batches)
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return "none", ""
+
+
+def test_a_resume_error_of_the_reader_reaches_its_tp_peer_from_next(tmp_path):
+    """Making the loader's iterator resets the pipeline and raises a resume's errors: it happens at
+    the first ``next``, where the error is forwarded (the peer would otherwise wait for the timeout)."""
+    files = [str(write_parquet(tmp_path / f"{name}.parquet", documents(30, seed=seed), row_group_size=5))
+             for name, seed in (("a", 1), ("b", 2))]
+    reader, peer = run_distributed(_resume_with_other_paths, 2, files, files[::-1], timeout_s=20)
+    assert reader[0] == "DataError" and "the data position points into" in reader[1] and "a.parquet" in reader[1]
+    assert peer == reader
+    assert _resume_with_other_paths(files, files[::-1]) == reader  # no tp group: from next() too

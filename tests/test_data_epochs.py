@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 from itertools import islice
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,8 +178,27 @@ def test_held_out_data_the_filter_empties_fails_the_evaluation(tmp_path, bounded
         evaluator(torch.nn.Module())  # fails before the model is called
 
 
+def test_without_loop_a_share_the_filter_empties_fails_instead_of_ending(tmp_path):
+    """data.loop false: the reader ends after one pass, before a next epoch could show the pass
+    barren; the data must not just end (training would stop at step 0, an evaluation blame the amount
+    of text)."""
+    digits = ["1234567890 " * 8 + str(i) for i in range(6)]
+    files = [write_parquet(tmp_path / "digits.parquet", digits, row_group_size=4)]
+    cfg = config(paths=files, loop=False)
+    with pytest.raises(DataError, match=r"dp rank 0: a whole pass over .*digits.parquet kept no document.*digit_ratio: 6"):
+        next(iter(batches_for(cfg, 1)))
+    evaluator = Evaluator(cfg, 1, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))  # loop false: all
+    with pytest.raises(DataError, match=r"digits.parquet kept no document.*digit_ratio: 6"):
+        evaluator(torch.nn.Module())
+    # A pass that keeps a document still ends quietly: the end of the data.
+    words = write_parquet(tmp_path / "words.parquet", [" ".join(WORDS)] + digits, row_group_size=4)
+    assert len(list(batches_for(config(paths=[words], loop=False), 1))) > 0
+
+
 class _MeanOfInputs(torch.nn.Module):
     """A stand-in model whose loss is the mean input id: which batches it saw shows in the loss."""
+
+    config = SimpleNamespace(vocab_size=8)  # what the objective checks the targets against
 
     def forward(self, input, targets):
         return input.float().mean()

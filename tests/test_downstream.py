@@ -13,7 +13,7 @@ import torch
 from argonne_dt.checkpoint import load_model, write_model_checkpoint
 from argonne_dt.config import Config, DataConfig, ModelConfig
 from argonne_dt.data import DataError
-from argonne_dt.downstream import MultipleChoiceTask, read_questions
+from argonne_dt.downstream import MultipleChoiceScores, MultipleChoiceTask, Question, encode_choices, read_questions
 from argonne_dt.model import ArgonneModel
 from conftest import write_parquet
 from distributed import run_distributed
@@ -80,6 +80,37 @@ def test_both_layouts_read_alike_and_bad_lines_are_named(tmp_path, task_file):
             read_questions(bad)
     with pytest.raises(DataError, match="cannot read the multiple-choice file"):
         read_questions(tmp_path / "missing.jsonl")
+    # A byte order mark (as some editors save UTF-8) starts the text, not the first JSON object.
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + task_file.read_bytes())
+    assert read_questions(marked) == read_questions(task_file)
+
+
+def test_an_empty_context_without_bos_is_refused_by_its_line(tmp_path):
+    """Without data.add_bos the first token of an ending after an empty context has nothing to be
+    predicted from (its log-likelihood would be that of the other tokens only, or 0 for one token)."""
+    task = tmp_path / "empty.jsonl"
+    task.write_text('{"context": "The sky is", "choices": ["blue", "loud"], "answer": 0}\n\n'
+                    '{"context": " ", "choices": ["blue", "loud"], "answer": 0}\n')
+    with pytest.raises(DataError, match=r"empty.jsonl:3: an empty context with data.add_bos=false .*data.add_bos=true"):
+        MultipleChoiceTask(task, DataConfig(add_bos=False), 64)
+    assert len(MultipleChoiceTask(task, DataConfig(), 64).choices) == 4
+
+
+def test_whitespace_ending_the_context_starts_the_ending():
+    """As lm-evaluation-harness splits a choice: "France is " + "Paris" scores the tokens of " Paris",
+    the same tokens as "France is" + "Paris", and the context's tokens are the same as without the space."""
+    spaced, plain = encode_choices([Question("The capital of France is ", ("Paris", "Rome"), 0),
+                                    Question("The capital of France is", ("Paris", "Rome"), 0)], DataConfig(), 64, "t")[::2]
+    assert spaced.tokens == plain.tokens and spaced.scored == plain.scored == 1
+
+
+def test_accuracy_per_token_per_character_and_unnormalized():
+    # Choice 0: -6 over 3 tokens (-2 each) and 4 characters (-1.5); choice 1: -5 over 1 token and 10 characters.
+    scores = MultipleChoiceScores([[-6.0, -5.0]], [[3, 1]], [[4, 10]], [0])
+    assert (scores.accuracy(), scores.accuracy(per="character"), scores.accuracy(per=None)) == (1.0, 0.0, 0.0)
+    assert scores.metrics() == {"accuracy": 1.0, "accuracy_per_char": 0.0, "accuracy_unnormalized": 0.0,
+                                "questions": 1}
 
 
 def _hugging_face_log_likelihoods(hf_dir: Path, task: MultipleChoiceTask) -> list[list[float]]:
@@ -122,16 +153,29 @@ def _score_under(checkpoint: str, task_file: str, parallel: dict) -> list[list[f
     return task.score(model, torch.device("cpu"), layout=layout, tokens_per_batch=96).log_likelihoods
 
 
-def _tp2_and_fsdp_dp2(checkpoint: str, task_file: str) -> dict:
+def _tp2_and_fsdp_dp2(checkpoint: str, task_file: str, bad_file: str) -> dict:
+    import traceback
+
+    try:
+        MultipleChoiceTask(bad_file, DataConfig(), 64)
+        error = None
+    except DataError as err:  # where it was raised: --debug shows this traceback
+        error = (str(err), traceback.extract_tb(err.__traceback__)[-1].name)
     return {"tp2": _score_under(checkpoint, task_file, {"tp": 2, "dp": 1}),
-            "dp2": _score_under(checkpoint, task_file, {"tp": 1, "dp": 2})}
+            "dp2": _score_under(checkpoint, task_file, {"tp": 1, "dp": 2}), "error": error}
 
 
 @pytest.mark.distributed
-def test_tp2_and_fsdp_dp2_score_as_one_device(checkpoint, task_file):
+def test_tp2_and_fsdp_dp2_score_as_one_device(checkpoint, task_file, tmp_path):
     model, cfg = load_model(checkpoint)
     alone = MultipleChoiceTask(task_file, cfg.data, cfg.model.max_seq_len).score(model, torch.device("cpu"))
-    per_rank = run_distributed(_tp2_and_fsdp_dp2, 2, str(checkpoint), str(task_file))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 5}\n')
+    per_rank = run_distributed(_tp2_and_fsdp_dp2, 2, str(checkpoint), str(task_file), str(bad))
+    # A bad file stops both ranks with one message; rank 0, which read it, keeps the traceback to the line
+    # that found it.
+    message = f"{bad}:1: the answer 5 is not the index of one of its 2 choices"
+    assert per_rank[0]["error"] == (message, "_question") and per_rank[1]["error"][0] == message
     for kind in ("tp2", "dp2"):
         assert per_rank[0][kind] == per_rank[1][kind]
         difference = max(abs(a - b) for x, y in zip(per_rank[0][kind], alone.log_likelihoods) for a, b in zip(x, y))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.fixture
 def corpus(tmp_path):
-    """Three files of 70, 45 and 85 documents in row groups of 16 (200 rows: 0.05 holds out 10)."""
+    """Three files of 70, 45 and 85 documents in row groups of 16 (200 rows: 0.05 holds out 4 + 2 + 4)."""
     docs = documents(200, seed=5)
     bounds = [0, 70, 115, 200]
     files = [write_parquet(tmp_path / f"part-{n}.parquet", docs[lo:hi], row_group_size=16)
@@ -66,7 +66,7 @@ def test_the_split_is_disjoint_complete_and_the_same_under_dp_1_2_3(corpus, spli
     everything = rows_of(plan_shares(files, 1, config(files, eval_split=0.0)))
     assert max(held_out.values()) == max(training.values()) == 1
     assert not set(held_out) & set(training) and held_out + training == everything
-    expected = 85 if split == 1.0 else int(split * 200)  # 1.0: the last file whole; else rounded down
+    expected = 85 if split == 1.0 else sum(int(split * rows + 0.5) for rows in (70, 45, 85))  # nearest, per file
     assert sum(held_out.values()) == expected
     for dp in (2, 3):
         assert rows_of(plan_shares(files, dp, cfg)) == training
@@ -83,8 +83,9 @@ def test_no_split_when_eval_paths_are_given_and_clear_errors(corpus, tmp_path):
         plan_shares(files, 1, with_eval_paths, held_out=True)
     with pytest.raises(DataError, match=r"data.eval_split=3 holds out 3 whole file\(s\), but data.paths has 3"):
         plan_shares(files, 1, config(files, eval_split=3.0))
-    with pytest.raises(DataError, match=r"data.eval_split=0.001 of data.paths: 0 readable rows .*raise data.eval_split"):
-        plan_shares(files, 1, config(files, eval_split=0.001), held_out=True)
+    with pytest.raises(DataError, match=r"data.eval_split=0.005 of the 200 readable rows of data.paths holds out 0; "
+                       r"each of 2 data-parallel ranks needs one: raise data.eval_split or give data.eval_paths"):
+        plan_shares(files, 2, config(files, eval_split=0.005), held_out=True)
     with pytest.raises(ConfigError, match="data.eval_split=1.5 must be a fraction"):
         load_config("tiny.toml", ["--data.eval_split=1.5"])
     # Validation on one's own data needs no data.eval_paths any more (the split is the default) ...
@@ -116,6 +117,37 @@ def test_a_resume_on_another_dp_size_never_reads_the_held_out_rows(corpus, monke
     training = Counter(tokenized[text] for text in docs if text not in held_out_texts)
     assert Counter(taken) == training
 
+
+def test_an_unreadable_file_moves_no_other_files_cut(corpus):
+    """With data.on_bad_shard=skip, a file that becomes unreadable leaves every other file's cut as it was."""
+    files, _ = corpus
+    cfg = config(files, read_retries=0)
+    before = {held_out: rows_of(plan_shares(files, 1, cfg, held_out=held_out)) for held_out in (False, True)}
+    Path(files[0]).write_bytes(b"not parquet")
+    for held_out, rows in before.items():
+        others = Counter({row: n for row, n in rows.items() if row[0] != files[0]})
+        assert rows_of(plan_shares(files, 1, cfg, held_out=held_out)) == others
+
+
+def test_a_changed_split_or_a_split_older_than_the_key_stops_a_resume(tmp_path):
+    """A checkpoint saved without data.eval_split ran with none: resuming it with the default is refused
+    by name, as is any change of the split (rows trained on would become held-out ones)."""
+    from argonne_dt.checkpoint import CheckpointError, config_changes, stored_config
+    from argonne_dt.config import Config
+
+    stored = Config().to_dict()
+    del stored["data"]["eval_split"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert stored_config(tmp_path).data.eval_split == 0
+    cfg = Config()
+    cfg.data.paths = ["mine/"]
+    with pytest.raises(CheckpointError, match=r"data.eval_split is 0.005 in this config but 0.0 in .*"
+                                              r"set --data.eval_split=0.0 to resume"):
+        config_changes(tmp_path, cfg)
+    assert config_changes(tmp_path, cfg, resuming=False) == ["data.paths: [] -> ['mine/']",
+                                                             "data.eval_split: 0.0 -> 0.005"]
+    cfg.data.eval_split = 0.0
+    assert config_changes(tmp_path, cfg) == ["data.paths: [] -> ['mine/']"]
 
 
 def test_a_checkpoint_is_evaluated_on_its_runs_held_out_rows(corpus, tmp_path):

@@ -6,6 +6,7 @@ counted where they are called."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import pytest
@@ -20,27 +21,45 @@ pytestmark = pytest.mark.distributed
 NOT_COUNTED = {
     # DTensor's shard offsets, from the device mesh's coordinates: a CPU tensor in every run.
     "compute_local_shape_and_global_offset",
-    # Decisions all ranks share between steps (stop, end of data): the trainer takes them over the
-    # host group (gloo, host tensors: no wait for a device; see the test of ``host_group`` below).
-    "any_rank",
     # The check of each micro-batch's targets: it reads the host batch before its copy, and reads
     # nothing from a device tensor (``check_targets`` returns at once for those).
     "check_targets",
 }
 
 
-def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> list[int]:
-    """Host reads of tensor values in each whole iteration of the loop after the first."""
+def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> dict:
+    """In each whole iteration of the loop after the first: host reads of tensor values, and the
+    shared decisions the trainer takes (``any_rank``, ``raise_on_every_rank``) as ``(caller, device
+    and group as they should be)``. A decision's own reads are left out of the count once it is seen
+    taken on host tensors over the host group (gloo: no wait for a device)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from argonne_dt import trainer as trainer_module
     from argonne_dt.trainer import Trainer
     from test_trainer import make_config
 
-    reads = {"count": 0}
+    reads = {"count": 0, "in_decision": False}
+    decisions: list[tuple[str, bool]] = []
     copies = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
 
+    def spied(decide):
+        def decision(*args, **kwargs):
+            given = inspect.signature(decide).bind(*args, **kwargs).arguments
+            device, group = given["device"], given.get("group")
+            # On a CPU run the trainer's device is a CPU too: the host's must be another object.
+            on_host = device.type == "cpu" and device is not trainer.device and group is trainer.host_group
+            decisions.append((sys._getframe(1).f_code.co_name, on_host))
+            reads["in_decision"] = on_host
+            try:
+                return decide(*args, **kwargs)
+            finally:
+                reads["in_decision"] = False
+        return decision
+
     def count() -> None:
+        if reads["in_decision"]:
+            return
         frame = sys._getframe(2)
         while frame is not None:
             if frame.f_code.co_name in NOT_COUNTED:
@@ -67,16 +86,33 @@ def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> list[int
         return read
 
     trainer = Trainer(make_config(job_dir, corpus, **overrides))
-    marks: list[int] = []
+    real_next = trainer.next_micro_batches
+
+    def unreadable():
+        raise UnicodeError("undecodable bytes")
+        yield
+
+    def last_step_data_fails():  # the error is a shared decision too
+        if trainer.progress.step == trainer.cfg.train.steps - 1:
+            trainer.batches = unreadable()
+        return real_next()
+
+    trainer.next_micro_batches = last_step_data_fails
+    marks: list[tuple[int, int]] = []
     for name in real:
         setattr(torch.Tensor, name, counted(name))
+    real_decisions = trainer_module.any_rank, trainer_module.raise_on_every_rank
+    trainer_module.any_rank, trainer_module.raise_on_every_rank = map(spied, real_decisions)
     try:
-        with HostReads():
-            trainer.run(on_step=lambda step, record: marks.append(reads["count"]))
+        with HostReads(), pytest.raises(UnicodeError):
+            trainer.run(on_step=lambda step, record: marks.append((reads["count"], len(decisions))))
     finally:
+        trainer_module.any_rank, trainer_module.raise_on_every_rank = real_decisions
         for name, method in real.items():
             setattr(torch.Tensor, name, method)
-    return [after - before for before, after in zip(marks, marks[1:])]
+    return {"reads": [after[0] - before[0] for before, after in zip(marks, marks[1:])],
+            "decisions": [decisions[before[1]:after[1]] for before, after in zip(marks, marks[1:])],
+            "failing": decisions[marks[-1][1]:]}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -86,12 +122,17 @@ def test_the_step_loop_waits_for_the_device_once_per_step_whatever_the_micro_bat
     write_parquet(corpus / "part-0.parquet", documents(60, seed=1))
     # Three micro-batches per step. The fused AdamW of the default path: the unfused one reads each
     # parameter's step count (a host tensor: no wait for the device) every step.
-    settings = {"parallel.tp": tp, "train.steps": 5, "train.grad_accum_steps": 3, "checkpoint.every": 0,
+    settings = {"parallel.tp": tp, "train.steps": 6, "train.grad_accum_steps": 3, "checkpoint.every": 0,
                 "metrics.log_every": 2, "optim.fused": True}
     per_rank = run_distributed(_reads_between_steps, tp, str(tmp_path / "job"), str(corpus), settings)
     # Steps 2..5, logged or not, on the reading rank and its tp peer: the step's terms and gradient
     # norm in one read (which also decides whether the update is applied); none per micro-batch.
-    assert per_rank == [[1, 1, 1, 1]] * tp
+    # Between two steps two shared decisions, on the host over the host group: stop after the step,
+    # then the end (or an error) of the next step's data; none per micro-batch. The data of step 6
+    # fails: that error is shared on the host too.
+    between_steps = [("run", True), ("next_micro_batches", True)]
+    assert per_rank == [{"reads": [1, 1, 1, 1], "decisions": [between_steps] * 4,
+                         "failing": between_steps + [("next_micro_batches", True)]}] * tp
 
 
 def test_shared_decisions_go_through_a_gloo_group_when_the_default_group_is_not_gloo(monkeypatch):

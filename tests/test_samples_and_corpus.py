@@ -14,6 +14,8 @@ def test_a_sample_is_one_console_line_and_kept_as_is_elsewhere(tmp_path, capsys)
     line = one_line(sample)
     assert line.startswith("Long long time ago,\\nthere was a\\nking. word word") and len(line) == 200
     assert line.endswith("...") and one_line("short") == "short"
+    # The cut falls before a newline's "\\n", never between its two characters.
+    assert one_line("x" * 10 + "\n" + "y" * 10, limit=14) == "x" * 10 + "..."
 
     logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
     texts = []

@@ -11,8 +11,8 @@ Four modules, each importing only the ones before it:
 from .files import DataError, expand_paths
 from .loader import TensorParallelBatches, batches_for, share_loader
 from .nodes import ParquetDocumentReader, QualityFilterTokenizer, TextBatch, TokenPacker
-from .shares import Position, Resumption, Segment, SharePlan, plan_shares, reshard_positions
+from .shares import Position, Resumption, Segment, SharePlan, computed_once, plan_shares, reshard_positions
 
 __all__ = ["DataError", "ParquetDocumentReader", "Position", "QualityFilterTokenizer", "Resumption", "Segment",
-           "SharePlan", "TensorParallelBatches", "TextBatch", "TokenPacker", "batches_for", "expand_paths",
-           "plan_shares", "reshard_positions", "share_loader"]
+           "SharePlan", "TensorParallelBatches", "TextBatch", "TokenPacker", "batches_for", "computed_once",
+           "expand_paths", "plan_shares", "reshard_positions", "share_loader"]

@@ -96,13 +96,21 @@ class TensorParallelBatches:
         return share_loader(self.cfg, self.micro_batch_size, self.plan, self.dp_rank, resumption)
 
     def __iter__(self):
-        self._batches = iter(self.loader) if self.loader is not None else None
+        self._batches = None  # made by the first read (_read), where its errors are forwarded
         return self
 
     def __next__(self) -> dict:
         if self.group is None:
-            return next(self._batches)
+            return self._read()
         return self._send() if self.loader is not None else self._receive()
+
+    def _read(self) -> dict:
+        """The reader's next batch. The loader's iterator is made here, not in ``__iter__``: making it
+        resets the pipeline, which raises a resume's errors (a data position that data.paths no longer
+        matches), and those must come from ``next`` like any other, to reach the peers and the dp ranks."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return next(self._batches)
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tensor, group=self.group, group_src=0)
@@ -115,7 +123,7 @@ class TensorParallelBatches:
 
     def _send(self) -> dict:
         try:
-            batch = next(self._batches)
+            batch = self._read()
         except StopIteration:
             self._signal(self.END)
             raise

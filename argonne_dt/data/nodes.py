@@ -211,7 +211,8 @@ class TokenPacker(BaseNode[dict]):
 
     A whole pass over the share (an epoch read from its start) that keeps no document raises a
     ``DataError`` naming ``owner``, the files and the rules that dropped them: with ``data.loop``
-    the packer would otherwise wait for a document forever.
+    the packer would otherwise wait for a document forever, and without it the data would end
+    before its first batch with nothing to say why.
     """
 
     def __init__(self, source: BaseNode[TokenizedDocs], window: int, resumption: Resumption | None = None,
@@ -260,16 +261,19 @@ class TokenPacker(BaseNode[dict]):
         self._epoch, self._barren = epoch, whole
         self._barren_dropped, self._barren_files = Counter(), []
 
+    def _barren_pass(self) -> DataError:
+        files = self._barren_files
+        rules = ", ".join(f"{rule}: {count}, set by {QualityFilterTokenizer.RULES[rule]}"
+                          for rule, count in self._barren_dropped.most_common())
+        return DataError(
+            f"{self.owner}: a whole pass over {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
+            f"kept no document: the quality filter dropped all {sum(self._barren_dropped.values())} "
+            f"documents ({rules}); change those settings, or the files of data.paths / data.eval_paths")
+
     def _watch_for_a_barren_pass(self, batch: TokenizedDocs) -> None:
         if batch.end.epoch != self._epoch:
             if self._barren:
-                files = self._barren_files
-                rules = ", ".join(f"{rule}: {count}, set by {QualityFilterTokenizer.RULES[rule]}"
-                                  for rule, count in self._barren_dropped.most_common())
-                raise DataError(
-                    f"{self.owner}: a whole pass over {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} "
-                    f"kept no document: the quality filter dropped all {sum(self._barren_dropped.values())} "
-                    f"documents ({rules}); change those settings, or the files of data.paths / data.eval_paths")
+                raise self._barren_pass()
             self._start_pass(batch.end.epoch, whole=True)
         if batch.docs:
             self._barren = False
@@ -281,7 +285,14 @@ class TokenPacker(BaseNode[dict]):
     def _next_document(self) -> list[int]:
         while self._doc_index >= len(self._batch.docs):
             self._source_state = self.source.state_dict()
-            self._batch = next(self.source)
+            try:
+                self._batch = next(self.source)
+            except StopIteration:
+                # data.loop false: the source ends after one pass, before a next epoch shows it barren.
+                # (A pass that read no row at all is the reader's to report: it warned of each file.)
+                if self._barren and self._barren_dropped:
+                    raise self._barren_pass() from None
+                raise
             self._doc_index = 0
             self.dropped.update(self._batch.dropped)
             self._watch_for_a_barren_pass(self._batch)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -60,8 +62,8 @@ def check_segment(share: tuple[Segment, ...], index: int, key: Segment | None) -
     """That a saved data position, which points into segment ``key`` (None: no segment), still finds
     it at ``index`` of ``share``: the files must be those of the saving run."""
     if key is not None and (index >= len(share) or share[index] != key):
-        raise DataError(f"the data position points into {key.describe()}, but data.paths now lists other files "
-                        "there: keep data.paths (and data.eval_split) as it was to resume, or start the data afresh")
+        raise DataError(f"the data position points into {key.describe()}, but data.paths and data.eval_split now "
+                        "give other rows there: keep both as they were to resume")
 
 
 @dataclass(frozen=True)
@@ -171,16 +173,20 @@ def held_out_split(cfg: DataConfig) -> float:
 
 def split_rows(segments: list[Segment], files: list[str], split: float) -> tuple[list[Segment], list[Segment]]:
     """(training, held-out) parts of ``segments``: ``split`` < 1 holds out that fraction of the rows, the
-    last rows of each row group in proportion (rounded down over the running total, so spread evenly
-    through the corpus); a whole number holds out the last ``split`` files. It depends on the files'
-    rows only, never on the number of dp ranks: every run and every resume cuts the same rows."""
+    last rows of each row group in proportion (rounded to the nearest over the file's running total, so
+    spread evenly through each file; a file of 100 rows gives one at 0.005); a whole number holds out
+    the last ``split`` files. A file's cut depends on its own rows only: never on the number of dp
+    ranks, nor on other files (one skipped as unreadable moves no other file's cut), so every run and
+    every resume cuts the same rows."""
     if split >= 1:
         held_files = set(files[-int(split):])
         return ([s for s in segments if s.file not in held_files], [s for s in segments if s.file in held_files])
     training, held, offset = [], [], 0
-    for segment in segments:
+    for number, segment in enumerate(segments):
+        if number and segment.file != segments[number - 1].file:
+            offset = 0
         rows = segment.stop - segment.start
-        held_rows = math.floor(split * (offset + rows) + 1e-9) - math.floor(split * offset + 1e-9)
+        held_rows = math.floor(split * (offset + rows) + 0.5 + 1e-9) - math.floor(split * offset + 0.5 + 1e-9)
         cut = segment.stop - held_rows
         if cut > segment.start:
             training.append(replace(segment, stop=cut))
@@ -221,15 +227,18 @@ def plan_shares(files: list[str], dp_size: int, cfg: DataConfig, source: str = "
     if split:
         training, held = split_rows(segments, files, split)
         segments = held if held_out else training
-        if held_out:
-            source = f"data.eval_split={split:g} of {source}"
     elif held_out:
         raise DataError(f"{source}: no held-out split (data.eval_split is 0, or data.eval_paths is set)")
     total = sum(segment.stop - segment.start for segment in segments)
+    if total < dp_size and held_out:
+        readable = sum(segment.stop - segment.start for segment in training + held)
+        raise DataError(f"data.eval_split={split:g} of the {readable} readable rows of {source} holds out {total}; "
+                        f"each of {dp_size} data-parallel ranks needs one: raise data.eval_split or give "
+                        "data.eval_paths")
     if total < dp_size:
         raise DataError(
             f"{source}: {total} readable rows in {len(files)} file(s) cannot give each of {dp_size} data-parallel "
-            "ranks a share: add data or use fewer dp ranks" + (", or raise data.eval_split" if held_out else "")
+            "ranks a share: add data or use fewer dp ranks"
         )
     return SharePlan(deal_rows(segments, dp_size), tuple(unreadable), source)
 
@@ -269,15 +278,25 @@ def shared_plan(cfg: DataConfig, dp_size: int, held_out: bool = False) -> ShareP
     """The plan of ``cfg``'s training data (or, ``held_out``, of its held-out data) for ``dp_size`` ranks,
     made once, on global rank 0, and received by every rank (one plan for all; a bad layout fails
     on every rank with the same message)."""
+    return computed_once(lambda: _plan(cfg, dp_size, held_out))
+
+
+def computed_once(compute: Callable[[], Any]) -> Any:
+    """``compute()`` run on global rank 0 only, its result received by every rank. Its ``DataError``
+    is raised as it is on rank 0 (the traceback kept, for --debug) and with the same message on
+    every other rank: all stop at once."""
     if not dist.is_initialized():
-        return _plan(cfg, dp_size, held_out)
+        return compute()
     outcome: list = [None]
+    failure = None
     if dist.get_rank() == 0:
         try:
-            outcome[0] = ("plan", _plan(cfg, dp_size, held_out))
+            outcome[0] = ("value", compute())
         except DataError as err:
-            outcome[0] = ("error", str(err))
+            failure, outcome[0] = err, ("error", str(err))
     dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     kind, value = outcome[0]
     if kind == "error":
         raise DataError(value)
