@@ -309,7 +309,7 @@ def test_resume_with_other_files_fails_clearly(shards, tmp_path):
     state = loader.state_dict()
     other = loader_of(config(), 2, list(reversed(files)))
     other.load_state_dict(state)
-    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths now lists other files"):
+    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths and data.eval_split now give other rows"):
         next(iter(other))
 
 
