@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import replace
 from itertools import islice
@@ -12,13 +11,11 @@ import torch.distributed as dist
 
 from .config import Config, DataConfig
 from .checkpoint import load_model
-from .data import DataError, batches_for, data_files, held_out_split, shared_files, shared_plan
+from .data import DataError, batches_for
 from .distributed import (ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision,
                           raise_on_every_rank)
 from .loss import loss_context, next_token_loss
 from .metrics import ProgressReporter
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -75,39 +72,29 @@ def _in_step(batches, max_batches: int, device: torch.device):
 class Evaluator:
     """The validation of a run, planned once: each call reads the same held-out batches afresh.
 
-    The plan is made at construction, so a held-out set that cannot give every dp rank a batch
+    The data is planned at construction, so a held-out set that cannot give every dp rank a batch
     stops the run at start-up, not at its first evaluation.
     """
 
     def __init__(self, data_cfg: DataConfig, micro_batch_size: int, max_batches: int, device: torch.device,
-                 autocast, layout: ParallelLayout | None = None, source: str = "data.eval_paths",
-                 held_out: bool = False):
-        """``held_out``: the ``data.eval_split`` rows of ``data_cfg.paths`` (see ``data.split_rows``)."""
-        self.data_cfg = replace(data_cfg, loop=max_batches > 0)
-        self.micro_batch_size, self.max_batches = micro_batch_size, max_batches
-        self.device, self.autocast, self.layout, self.source = device, autocast, layout, source
-        dp = layout.dp if layout is not None else 1
-        self.plan = shared_plan(data_files(data_cfg.paths, held_out=True), dp, self.data_cfg, source, held_out)
+                 autocast, layout: ParallelLayout | None = None, held_out: bool = False):
+        """The batches of ``data_cfg``'s training data, or with ``held_out`` of its held-out data (see
+        ``data.batches_for``)."""
+        self.max_batches, self.device, self.autocast = max_batches, device, autocast
+        self.batches = batches_for(replace(data_cfg, loop=max_batches > 0), micro_batch_size, layout,
+                                   held_out=held_out)
 
     @classmethod
     def for_run(cls, cfg: Config, device: torch.device, autocast, layout: ParallelLayout | None) -> Evaluator:
-        """The validation ``train.eval_every`` asks for: ``data.eval_paths`` (or the sample corpus's held-out split).
-
-        Held-out files that ``data.paths`` lists too are named in a warning at start-up. With
-        ``data.paths`` and no ``data.eval_paths``: the ``data.eval_split`` rows held out of data.paths."""
-        if held_out_split(cfg.data):
-            return cls(cfg.data, cfg.train.micro_batch_size, cfg.train.eval_batches, device, autocast, layout,
-                       source="data.paths", held_out=True)
-        overlap = shared_files(data_files(cfg.data.paths), data_files(cfg.data.eval_paths, held_out=True))
-        if overlap and (layout is None or layout.rank == 0):
-            log.warning("data.eval_paths: %d held-out file(s) are training files too (data.paths): %s; the held-out "
-                        "loss on them is not a held-out loss", len(overlap), ", ".join(overlap))
-        return cls(replace(cfg.data, paths=cfg.data.eval_paths), cfg.train.micro_batch_size, cfg.train.eval_batches,
-                   device, autocast, layout, source=f"data.eval_paths={cfg.data.eval_paths}")
+        """The validation ``train.eval_every`` asks for: the run's held-out data (the data.eval_split rows
+        of data.paths, else data.eval_paths, else the sample corpus's held-out split); held-out files
+        that data.paths lists too are named in a warning at start-up."""
+        return cls(cfg.data, cfg.train.micro_batch_size, cfg.train.eval_batches, device, autocast, layout,
+                   held_out=True)
 
     def __call__(self, model, progress: ProgressReporter | None = None) -> dict:
-        batches = batches_for(self.data_cfg, self.micro_batch_size, self.plan, self.layout)
-        return evaluate(model, batches, self.device, self.autocast, self.max_batches, self.source, progress)
+        return evaluate(model, self.batches, self.device, self.autocast, self.max_batches, self.batches.source,
+                        progress)
 
 
 def evaluate_checkpoint(checkpoint: str, data_paths: list[str] | None = None, max_batches: int = 0,
@@ -121,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str, data_paths: list[str] | None = None, ma
     cfg.train.micro_batch_size = micro_batch_size or cfg.train.micro_batch_size
     if data_paths:  # all of their rows (none held out of them)
         evaluator = Evaluator(replace(cfg.data, paths=data_paths, eval_split=0.0), cfg.train.micro_batch_size,
-                              max_batches, device, autocast, source=str(data_paths))
+                              max_batches, device, autocast)
     else:
         evaluator = Evaluator.for_run(cfg, device, autocast, layout=None)
     return evaluator(model, ProgressReporter(max_batches or None, f"evaluating {checkpoint}", "batches"))

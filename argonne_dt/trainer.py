@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, grad_accum_steps, validate
-from .data import DataError, batches_for, data_files, shared_plan
+from .data import DataError, batches_for
 from .distributed import (any_rank, build_layout, compute_dtype, host_group, init_distributed, mixed_precision,
                           raise_on_every_rank, resolve_auto_dtype)
 from .downstream import MultipleChoiceTask
@@ -92,9 +92,9 @@ class Trainer:
         self.layout = layout = build_layout(cfg.parallel, self.device.type)
         self.is_main = layout.rank == 0
         torch.manual_seed(cfg.train.seed + layout.rank)
-        # Plans are made once and shared: every rank agrees on the shares, and a layout that cannot
-        # work (a rank without rows, held-out data included) stops the run here, not hours in.
-        plan = shared_plan(data_files(cfg.data.paths), layout.dp, cfg.data)
+        # The data plans its shares once for all ranks: a layout that cannot work (a rank without
+        # rows, held-out data included) stops the run here, not hours in.
+        self.data = batches_for(cfg.data, cfg.train.micro_batch_size, layout)
         dtype = compute_dtype(cfg, self.device)
         self.autocast = mixed_precision(dtype, self.device)
         self.evaluator = Evaluator.for_run(cfg, self.device, self.autocast, layout) if cfg.train.eval_every else None
@@ -103,7 +103,6 @@ class Trainer:
         self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.objective = objective
-        self.data = batches_for(cfg.data, cfg.train.micro_batch_size, plan, layout)
         self.progress = Progress()
         self.window = LogWindow()
         # Asynchronous saves run their collectives in a background thread, beside training's: they

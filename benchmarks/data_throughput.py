@@ -11,7 +11,7 @@ import time
 from common import emit_json
 
 from argonne_dt.config import DataConfig, load_config
-from argonne_dt.data import build_data_loader
+from argonne_dt.data import batches_for
 from argonne_dt.parallelize import build_model
 
 
@@ -22,8 +22,7 @@ def consumption_rate_4b9(gpus: int = 8, peak_flops: float = 312e12, mfu: float =
 
 def measure(workers: int, tokens: int, seq_len: int, batch: int) -> dict:
     cfg = DataConfig(seq_len=seq_len, num_workers=workers, prefetch=4)
-    loader = build_data_loader(cfg, batch)
-    it = iter(loader)
+    it = iter(batches_for(cfg, batch))
     next(it)  # tokenizer load, thread start-up and the corpus build stay out of the timing
     start, seen = time.perf_counter(), 0
     while seen < tokens:

@@ -1,5 +1,6 @@
 import random
 import weakref
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +50,11 @@ def write_parquet(path, texts, row_group_size=8, binary=False):
     table = pa.table({"text": pa.array(texts, type=column_type), "id": [str(i) for i in range(len(texts))]})
     pq.write_table(table, path, row_group_size=row_group_size)
     return str(path)
+
+
+def dp_layout(dp_rank: int, dp: int, reads_data: bool = True, tp_group=None) -> SimpleNamespace:
+    """What ``batches_for`` asks of a layout, in one process: dp rank ``dp_rank`` of ``dp``, which reads."""
+    return SimpleNamespace(dp_rank=dp_rank, dp=dp, reads_data=reads_data, tp_group=tp_group)
 
 
 def record_documents(monkeypatch, record) -> None:

@@ -17,14 +17,14 @@ from argonne_dt.data import (
     ParquetDocumentReader,
     Position,
     QualityFilterTokenizer,
-    TensorParallelBatches,
     TextBatch,
-    build_data_loader,
+    batches_for,
     expand_paths,
     plan_shares,
+    share_loader,
 )
 from argonne_dt.tokenizer import load_tokenizer
-from conftest import WORDS, documents, record_documents, write_parquet
+from conftest import WORDS, documents, dp_layout, record_documents, write_parquet
 
 @pytest.fixture
 def shards(tmp_path):
@@ -48,6 +48,11 @@ def batches(loader, count):
     return [b for b in islice(iter(loader), count)]
 
 
+def loader_of(cfg, micro_batch_size, files, dp_rank=0, dp_size=1):
+    """The pipeline of one dp rank over all rows of ``files`` (``cfg`` names no data.paths: none held out)."""
+    return share_loader(cfg, micro_batch_size, plan_shares(files, dp_size, cfg), dp_rank)
+
+
 def test_natural_order_of_files(shards, tmp_path):
     files = expand_paths([str(tmp_path / "*.parquet")])
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-2.parquet", "part-3.parquet", "part-10.parquet"]
@@ -65,7 +70,7 @@ def test_bos_eos_packing_and_shift(shards, tmp_path):
     stream = []
     for text in ordered:
         stream += [bos] + tok(text, add_special_tokens=False)["input_ids"] + [eos]
-    got = batches(build_data_loader(cfg, micro_batch_size=2, files=expand_paths([str(tmp_path)])), 10_000)
+    got = batches(loader_of(cfg, 2, expand_paths([str(tmp_path)])), 10_000)
     windows = [torch.cat([b["input"], b["target"][:, -1:]], dim=1) for b in got]
     flat = torch.cat(windows).reshape(-1).tolist()
     window = cfg.seq_len + 1
@@ -101,13 +106,13 @@ def test_quality_filter_rules_and_counts():
 def test_exact_resume_with_prefetch_and_parallel_tokenization(shards, cut):
     files, _ = shards
     cfg = config(loop=True)  # 23 batches of 2 x 32 tokens cross an epoch boundary
-    uninterrupted = batches(build_data_loader(cfg, 2, files=files), cut + 12)
-    first = build_data_loader(cfg, 2, files=files)
+    uninterrupted = batches(loader_of(cfg, 2, files), cut + 12)
+    first = loader_of(cfg, 2, files)
     it = iter(first)
     for _ in range(cut):
         next(it)
     state = first.state_dict()
-    resumed = build_data_loader(cfg, 2, files=files)
+    resumed = loader_of(cfg, 2, files)
     resumed.load_state_dict(state)
     after = batches(resumed, 12)
     for expected, got in zip(uninterrupted[cut:], after):
@@ -119,14 +124,14 @@ def test_resume_mid_document_with_long_documents(tmp_path):
     long_docs = [" ".join(documents(1, seed=s)[0] for _ in range(6)) for s in range(4)]
     files = [write_parquet(tmp_path / "long.parquet", long_docs, row_group_size=2)]
     cfg = config(seq_len=15, loop=True)
-    reference = batches(build_data_loader(cfg, 1, files=files), 40)
-    loader = build_data_loader(cfg, 1, files=files)
+    reference = batches(loader_of(cfg, 1, files), 40)
+    loader = loader_of(cfg, 1, files)
     it = iter(loader)
     for _ in range(7):
         next(it)
     state = loader.state_dict()
     assert len(state_pending(state)) > 0  # really mid-document
-    again = build_data_loader(cfg, 1, files=files)
+    again = loader_of(cfg, 1, files)
     again.load_state_dict(state)
     assert all(torch.equal(a["input"], b["input"]) for a, b in zip(reference[7:], batches(again, 33)))
 
@@ -164,16 +169,16 @@ def test_dp_shares_are_disjoint_and_complete(shards, dp_size):
 
 def test_tp_ranks_of_one_dp_group_get_identical_batches(shards):
     files, _ = shards
-    a, b = (batches(build_data_loader(config(), 2, dp_rank=1, dp_size=2, files=files), 6) for _ in range(2))
+    a, b = (batches(loader_of(config(), 2, files, dp_rank=1, dp_size=2), 6) for _ in range(2))
     assert all(torch.equal(x["input"], y["input"]) for x, y in zip(a, b))
 
 
 def test_resume_with_another_dp_size_fails_clearly(shards):
     files, _ = shards
-    loader = build_data_loader(config(), 2, dp_rank=0, dp_size=2, files=files)
+    loader = loader_of(config(), 2, files, dp_rank=0, dp_size=2)
     batches(loader, 2)
     state = loader.state_dict()
-    other = build_data_loader(config(), 2, dp_rank=0, dp_size=3, files=files)
+    other = loader_of(config(), 2, files, dp_rank=0, dp_size=3)
     other.load_state_dict(state)
     with pytest.raises(DataError, match="saved by dp rank 0 of 2, now dp rank 0 of 3"):
         next(iter(other))
@@ -227,7 +232,7 @@ def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
     path = write_parquet(tmp_path / "bytes.parquet", raw, binary=True)
     texts = [t for batch in _reader([path], loop=False, on_bad_shard="error") for t in batch.texts]
     assert texts[1] == "broken \ufffd\ufffd bytes in the middle of a sentence here" and texts[2] is None
-    got = batches(build_data_loader(config(seq_len=7, loop=False), 1, files=[path]), 100)
+    got = batches(loader_of(config(seq_len=7, loop=False), 1, [path]), 100)
     assert got and got[-1]["dropped"] == {"empty": 1}
 
 
@@ -237,7 +242,7 @@ def test_a_10mb_document_streams_into_windows(tmp_path):
     huge = " ".join(rng.choice(WORDS) for _ in range(1_900_000))
     assert len(huge) > 10_000_000
     path = write_parquet(tmp_path / "huge.parquet", [huge, "a small second document of text"], row_group_size=1)
-    loader = build_data_loader(config(seq_len=4095, loop=False, prefetch=1), 4, files=[path])
+    loader = loader_of(config(seq_len=4095, loop=False, prefetch=1), 4, [path])
     first = batches(loader, 3)
     assert [b["input"].shape for b in first] == [(4, 4095)] * 3
     assert first[0]["input"][0, 0].item() == 151644  # BOS of the big document
@@ -299,12 +304,12 @@ def test_fsspec_urls_are_listed_and_streamed(shards, tmp_path):
 
 def test_resume_with_other_files_fails_clearly(shards, tmp_path):
     files, _ = shards
-    loader = build_data_loader(config(), 2, files=files)
+    loader = loader_of(config(), 2, files)
     batches(loader, 5)
     state = loader.state_dict()
-    other = build_data_loader(config(), 2, files=list(reversed(files)))
+    other = loader_of(config(), 2, list(reversed(files)))
     other.load_state_dict(state)
-    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths and data.eval_split now give other rows there"):
+    with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths and data.eval_split now give other rows"):
         next(iter(other))
 
 
@@ -319,7 +324,7 @@ def test_files_of_one_row_group_are_shared_evenly(tmp_path, dp_size):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1  # split by rows, not whole row groups
     held_out = [write_parquet(tmp_path / "held-out.parquet", documents(20, seed=8), row_group_size=20)]
     for rank in range(dp_size):  # a single small held-out file still gives every rank batches
-        loader = build_data_loader(config(seq_len=15), 2, rank, dp_size, files=held_out)
+        loader = loader_of(config(seq_len=15), 2, held_out, rank, dp_size)
         assert len(batches(loader, 3)) == 3
 
 
@@ -425,9 +430,9 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     states, emitted, carried = {}, 0, 0
     for stage, size in enumerate(sizes):
         last = stage == len(sizes) - 1
-        plan, saved, states = plan_shares(files, size, cfg), states, {}
+        saved, states = states, {}
         for rank in range(size):
-            reader = TensorParallelBatches(cfg, 1, plan, rank)
+            reader = batches_for(cfg, 1, dp_layout(rank, size))
             if saved:
                 reader.load_state_dict(saved)
             # Mid-document and mid-segment, unevenly; the last run reads to the end.
@@ -454,8 +459,6 @@ def test_a_file_matched_twice_is_listed_once(shards, tmp_path):
 
 
 def test_held_out_files_that_are_training_files_are_named_at_start_up(shards, tmp_path, caplog):
-    from types import SimpleNamespace
-
     from argonne_dt.config import Config
     from argonne_dt.evaluation import Evaluator
 
@@ -464,11 +467,11 @@ def test_held_out_files_that_are_training_files_are_named_at_start_up(shards, tm
     cfg = Config()
     cfg.data.paths, cfg.data.eval_paths = [str(tmp_path)], [str(tmp_path / "." / "part-3.parquet"), held_out]
     with caplog.at_level(logging.WARNING):
-        Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), SimpleNamespace(rank=0, dp=1))
+        Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), None)
     assert "1 held-out file(s) are training files too" in caplog.text and "part-3.parquet" in caplog.text
     caplog.clear()
     cfg.data.eval_paths = [held_out]
     with caplog.at_level(logging.WARNING):
-        Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), SimpleNamespace(rank=0, dp=1))
+        Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), None)
     assert "training files too" not in caplog.text
 

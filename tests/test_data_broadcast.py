@@ -8,7 +8,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from conftest import documents, write_parquet
+from conftest import documents, dp_layout, write_parquet
 from distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -25,12 +25,15 @@ def _tp_group_reads(files: list[str]) -> dict:
     import torch.distributed as dist
 
     from argonne_dt.config import DataConfig
-    from argonne_dt.data import QualityFilterTokenizer, TensorParallelBatches, plan_shares
+    from argonne_dt.data import QualityFilterTokenizer, batches_for
 
     cfg = DataConfig(paths=files, seq_len=15, num_workers=1, prefetch=2, tokenize_batch_size=3, min_tokens=1,
                      loop=False)
-    plan = plan_shares(files, 1, cfg)
     group = dist.new_group([0, 1])
+    # dp rank 0 of 1, read by rank 0; planned before the spies (the plan goes to every rank as an object).
+    layout = dp_layout(0, 1, reads_data=dist.get_rank() == 0, tp_group=group)
+    batches = batches_for(cfg, 2, layout)
+    failing_batches = batches_for(cfg, 1, layout)
     calls = {"broadcast": [], "broadcast_object_list": 0}
     real_broadcast, real_objects = dist.broadcast, dist.broadcast_object_list
 
@@ -45,7 +48,6 @@ def _tp_group_reads(files: list[str]) -> dict:
     dist.broadcast, dist.broadcast_object_list = broadcast, broadcast_object_list
     out = {}
     try:
-        batches = TensorParallelBatches(cfg, 2, plan, 0, reads=dist.get_rank() == 0, tp_group=group)
         out["batches"] = [_as_arrays(b) for b in iter(batches)]  # to the end of the data
         out["calls"] = {"broadcast": list(calls["broadcast"]), "broadcast_object_list": calls["broadcast_object_list"]}
         # The reader's tokenizer fails at the sixth document: an error that is not a DataError.
@@ -58,8 +60,7 @@ def _tp_group_reads(files: list[str]) -> dict:
 
         QualityFilterTokenizer.__call__ = failing
         try:
-            failing_batches = iter(TensorParallelBatches(cfg, 1, plan, 0, reads=dist.get_rank() == 0, tp_group=group))
-            list(islice(failing_batches, 1000))
+            list(islice(iter(failing_batches), 1000))
         except Exception as err:
             out["error"] = (type(err).__name__, str(err))
         finally:
@@ -71,13 +72,13 @@ def _tp_group_reads(files: list[str]) -> dict:
 
 def test_a_tp_group_receives_tensors_equal_to_the_readers_batches_and_its_errors(tmp_path):
     from argonne_dt.config import DataConfig
-    from argonne_dt.data import build_data_loader
+    from argonne_dt.data import batches_for
 
     files = [write_parquet(tmp_path / "a.parquet", documents(30, seed=3), row_group_size=4)]
     reader, peer = run_distributed(_tp_group_reads, 2, files)
     cfg = DataConfig(paths=files, seq_len=15, num_workers=1, prefetch=2, tokenize_batch_size=3, min_tokens=1,
                      loop=False)
-    alone = [_as_arrays(b) for b in build_data_loader(cfg, 2, files=files)]  # one process, no tp group
+    alone = [_as_arrays(b) for b in batches_for(cfg, 2)]  # one process, no tp group
     assert len(alone) > 10
     for got in (reader["batches"], peer["batches"]):
         assert len(got) == len(alone)
@@ -136,17 +137,17 @@ def _resume_with_other_paths(saved_paths: list[str], paths: list[str]) -> tuple[
     import torch.distributed as dist
 
     from argonne_dt.config import DataConfig
-    from argonne_dt.data import TensorParallelBatches, plan_shares
+    from argonne_dt.data import batches_for
 
-    def batches(paths, **kwargs):
+    def batches(paths, layout=None):
         cfg = DataConfig(paths=paths, seq_len=15, num_workers=1, prefetch=2, tokenize_batch_size=3, min_tokens=1)
-        return TensorParallelBatches(cfg, 1, plan_shares(paths, 1, cfg), **kwargs)
+        return batches_for(cfg, 1, layout)
 
     first = batches(saved_paths)
     list(islice(iter(first), 3))
     distributed = dist.is_initialized()
-    resumed = batches(paths, reads=not distributed or dist.get_rank() == 0,
-                      tp_group=dist.group.WORLD if distributed else None)
+    resumed = batches(paths, dp_layout(0, 1, reads_data=not distributed or dist.get_rank() == 0,
+                                       tp_group=dist.group.WORLD if distributed else None))
     resumed.load_state_dict(first.state_dict())
     resumed_batches = iter(resumed)
     try:

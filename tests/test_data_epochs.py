@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 from itertools import islice
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,14 +18,14 @@ from argonne_dt.data import (
     ParquetDocumentReader,
     Position,
     QualityFilterTokenizer,
-    TensorParallelBatches,
     TextBatch,
-    build_data_loader,
+    batches_for,
     plan_shares,
     reshard_positions,
+    share_loader,
 )
 from argonne_dt.evaluation import Evaluator, evaluate
-from conftest import WORDS, record_documents, write_parquet
+from conftest import WORDS, dp_layout, record_documents, write_parquet
 
 
 def config(**overrides) -> DataConfig:
@@ -97,9 +98,9 @@ def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, mon
     states, emitted, newest, drifted = {}, 0, 0, []
     for stage, size in enumerate(sizes):
         last = stage == len(sizes) - 1
-        plan, saved, states = plan_shares(files, size, cfg), states, {}
+        saved, states = states, {}
         for rank in range(size):
-            reader = TensorParallelBatches(cfg, 1, plan, rank)
+            reader = batches_for(cfg, 1, dp_layout(rank, size))
             if saved:
                 reader.load_state_dict(saved)
             batches = iter(reader)
@@ -141,13 +142,13 @@ def test_a_share_the_filter_empties_fails_at_its_first_pass(tmp_path, bounded_pa
     files = [write_parquet(tmp_path / "digits.parquet", digits, row_group_size=4)]
     cfg = config(paths=files)
     with pytest.raises(DataError, match=r"digits.parquet.*6 documents.*digit_ratio: 6.*data.max_digit_ratio"):
-        next(iter(build_data_loader(cfg, 1, files=files)))
+        next(iter(batches_for(cfg, 1)))
     # One of two dp ranks: its share (the digits) fails, the other reads on.
     good = write_parquet(tmp_path / "words.parquet", [" ".join(WORDS)] * 6, row_group_size=4)
     mixed = plan_shares(files + [good], 2, cfg)
     with pytest.raises(DataError, match=r"dp rank 0.*digits.parquet"):
-        next(iter(build_data_loader(cfg, 1, 0, 2, plan=mixed)))
-    assert len(list(islice(iter(build_data_loader(cfg, 1, 1, 2, plan=mixed)), 30))) == 30
+        next(iter(share_loader(cfg, 1, mixed, 0)))
+    assert len(list(islice(iter(share_loader(cfg, 1, mixed, 1)), 30))) == 30
 
 
 def test_a_share_emptied_after_a_dealt_remainder_fails_after_one_pass_of_its_own(tmp_path, bounded_passes):
@@ -163,8 +164,7 @@ def test_a_share_emptied_after_a_dealt_remainder_fails_after_one_pass_of_its_own
     states = [_saved(Position(0, 0, 0, old.shares[0][0])), _saved(Position(0, len(old.shares[1])))]
     resumption = reshard_positions(states, old, 2)[1]
     assert _rows(resumption.carryover) == [(files[0], 1, 0), (files[0], 1, 1), (files[0], 1, 2)]
-    loader = build_data_loader(cfg, 1, 1, 2, plan=plan_shares(files, 2, cfg), resumption=resumption)
-    batches = iter(loader)
+    batches = iter(batches_for(cfg, 1, dp_layout(1, 2), resumption))
     next(batches)  # the dealt words
     with pytest.raises(DataError, match=r"dp rank 1: a whole pass over .*a.parquet kept no document"):
         list(islice(batches, 500))
@@ -186,19 +186,19 @@ def test_without_loop_a_share_the_filter_empties_fails_instead_of_ending(tmp_pat
     files = [write_parquet(tmp_path / "digits.parquet", digits, row_group_size=4)]
     cfg = config(paths=files, loop=False)
     with pytest.raises(DataError, match=r"dp rank 0: a whole pass over .*digits.parquet kept no document.*digit_ratio: 6"):
-        next(iter(build_data_loader(cfg, 1, files=files)))
+        next(iter(batches_for(cfg, 1)))
     evaluator = Evaluator(cfg, 1, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))  # loop false: all
     with pytest.raises(DataError, match=r"digits.parquet kept no document.*digit_ratio: 6"):
         evaluator(torch.nn.Module())
     # A pass that keeps a document still ends quietly: the end of the data.
     words = write_parquet(tmp_path / "words.parquet", [" ".join(WORDS)] + digits, row_group_size=4)
-    assert len(list(build_data_loader(config(paths=[words], loop=False), 1, files=[words]))) > 0
+    assert len(list(batches_for(config(paths=[words], loop=False), 1))) > 0
 
 
 class _MeanOfInputs(torch.nn.Module):
     """A stand-in model whose loss is the mean input id: which batches it saw shows in the loss."""
 
-    config = type("Config", (), {"vocab_size": 10})()  # the targets (zeros) are checked against it
+    config = SimpleNamespace(vocab_size=8)  # what the objective checks the targets against
 
     def forward(self, input, targets):
         return input.float().mean()

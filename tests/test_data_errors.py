@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from argonne_dt.config import DataConfig
-from argonne_dt.data import DataError, build_data_loader
+from argonne_dt.data import DataError, batches_for
 from argonne_dt.errors import EXIT_CODE, run_reporting_user_errors
 from conftest import documents
 from test_data import _with_corrupt_row_group as corrupt_row_group
@@ -26,7 +26,7 @@ def test_an_error_from_the_reader_thread_prints_its_own_message_once(tmp_path, c
                      eval_split=0)
 
     def read():
-        list(islice(iter(build_data_loader(cfg, 2)), 20))
+        list(islice(iter(batches_for(cfg, 2)), 20))
 
     # The prefetching thread's exception reaches the caller as a DataError with that thread's traceback as text.
     with pytest.raises(DataError, match="Caught DataError"):

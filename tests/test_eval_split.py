@@ -16,11 +16,11 @@ from argonne_dt.data import (
     DataError,
     Position,
     QualityFilterTokenizer,
-    TensorParallelBatches,
     TextBatch,
+    batches_for,
     plan_shares,
 )
-from conftest import documents, record_documents, write_parquet
+from conftest import documents, dp_layout, record_documents, write_parquet
 
 ROOT = Path(__file__).parents[1]
 
@@ -103,9 +103,9 @@ def test_a_resume_on_another_dp_size_never_reads_the_held_out_rows(corpus, monke
     record_documents(monkeypatch, lambda packer, doc: taken.append(tuple(doc)))
     saved = {}
     for stage, size in enumerate((2, 3)):
-        plan, states = plan_shares(files, size, cfg), {}
+        states = {}
         for rank in range(size):
-            reader = TensorParallelBatches(cfg, 1, plan, rank)
+            reader = batches_for(cfg, 1, dp_layout(rank, size))
             if saved:
                 reader.load_state_dict(saved)
             list(islice(iter(reader), 7 if stage == 0 else None))

@@ -108,12 +108,14 @@ def _with_a_failing_reader_on_rank_1(tmp: str, corpus: str, accum: dict) -> dict
 
     import torch.distributed as dist
 
-    from argonne_dt import data, trainer
+    import pyarrow.parquet as pq
+
+    from argonne_dt import trainer
 
     def failing_parquet_file(*args, **kwargs):
         raise OSError("stale NFS file handle")
 
-    real_parquet_file, real_step = data.pq.ParquetFile, trainer.train_step
+    real_parquet_file, real_step = pq.ParquetFile, trainer.train_step
     seen = []
 
     def recording_step(model, optimizer, micro_batches, *args):
@@ -121,12 +123,12 @@ def _with_a_failing_reader_on_rank_1(tmp: str, corpus: str, accum: dict) -> dict
         return real_step(model, optimizer, micro_batches, *args)
 
     if dist.get_rank() == 1:
-        data.pq.ParquetFile = failing_parquet_file
+        pq.ParquetFile = failing_parquet_file
     trainer.train_step = recording_step
     try:
         result = _train(make_config(f"{tmp}/one_reader", corpus, **accum, **{"train.steps": 2, "data.retry_backoff_s": 0}))
     finally:
-        data.pq.ParquetFile, trainer.train_step = real_parquet_file, real_step
+        pq.ParquetFile, trainer.train_step = real_parquet_file, real_step
     return {**result, "batches": seen}
 
 
@@ -363,7 +365,7 @@ def test_validation_of_a_checkpoint_equals_the_direct_loss(tp2_runs, corpus):
     from dataclasses import replace
 
     from argonne_dt.checkpoint import load_model
-    from argonne_dt.data import build_data_loader
+    from argonne_dt.data import batches_for
     from argonne_dt.evaluation import evaluate_checkpoint
     from argonne_dt.loss import cross_entropy_loss
 
@@ -372,7 +374,7 @@ def test_validation_of_a_checkpoint_equals_the_direct_loss(tp2_runs, corpus):
     heldout = [f"{corpus}-heldout"]
     result = evaluate_checkpoint(checkpoint, heldout, max_batches=2, micro_batch_size=2)
     model, cfg = load_model(checkpoint)
-    batches = iter(build_data_loader(replace(cfg.data, paths=heldout, loop=True), 2))
+    batches = iter(batches_for(replace(cfg.data, paths=heldout, loop=True), 2))
     with torch.no_grad():
         direct = sum(cross_entropy_loss(model(b["input"]), b["target"]).item() for b in (next(batches) for _ in range(2))) / 2
     assert math.isclose(result["loss"], direct, rel_tol=1e-6)
