@@ -282,8 +282,23 @@ def with_added_keys(stored: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     return filled
 
 
+def written_as(config: Config, dotted: str) -> str:
+    """The name under which the user gave the setting ``dotted`` (a moved key's old name, if that one)."""
+    return getattr(config, "written_as", {}).get(dotted, dotted)
+
+
 def _apply(config: Config, section: str, key: str, value: Any, source: str) -> None:
+    written = f"{section}.{key}"
     section, key = _MOVED.get((section, key), (section, key))
+    if (section, key) in _MOVED.values():
+        # The name the user wrote, for the messages; a setting under its old and its new name is refused.
+        names = config.__dict__.setdefault("written_as", {})
+        new = f"{section}.{key}"
+        earlier = names.setdefault(new, written)
+        if earlier != written:
+            old = earlier if written == new else written
+            raise ConfigError(f"{source}: {written} given, and {earlier} before it: {old} is the former name of "
+                              f"{new}; give only {new}")
     types = _section_types()
     if section not in types:
         raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, types)}")
@@ -451,9 +466,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(k.temperature > 0, f"distill.temperature={k.temperature} must be positive")
     _require(k.teacher_dtype in ("bf16", "fp32", "auto"),
              f"distill.teacher_dtype={k.teacher_dtype!r} must be bf16, fp32 or auto")
-    _require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0 (0: full logits), got {t.loss_chunk_tokens}")
+    chunk = written_as(config, "train.loss_chunk_tokens")
+    _require(t.loss_chunk_tokens >= 0, f"{chunk} must be >= 0 (0: full logits), got {t.loss_chunk_tokens}")
     _require(not k.teacher or t.loss_chunk_tokens >= 1,
-             "train.loss_chunk_tokens=0 (full logits) cannot distill: the distillation loss runs in chunks; set it >= 1")
+             f"{chunk}=0 (full logits) cannot distill: the distillation loss runs in chunks; set it >= 1")
     o = config.optim
     _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")

@@ -31,6 +31,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.parallel import loss_parallel
 
 from .distributed import native_bf16
+from .metrics import local_tensor
 
 IGNORE_INDEX = -100
 
@@ -105,8 +106,19 @@ def transposed_weight_copy(device: torch.device, compute_dtype: torch.dtype) -> 
     return device.type == "cpu" and compute_dtype == torch.bfloat16 and not native_bf16(device)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+# Set by ``weight_layout_as``: the device whose layout choice the fused loss makes (None: its own).
+_layout_device: ContextVar[torch.device | None] = ContextVar("layout_device", default=None)
+
+
+@contextlib.contextmanager
+def weight_layout_as(device: torch.device):
+    """The fused loss here chooses its weight layout (``transposed_weight_copy``) as it would on
+    ``device``: the planner measures a GPU's loss on this CPU, where that choice depends on the host."""
+    token = _layout_device.set(torch.device(device))
+    try:
+        yield
+    finally:
+        _layout_device.reset(token)
 
 
 def _compute_dtype(device: str, weight: torch.Tensor) -> torch.dtype:
@@ -131,7 +143,7 @@ def _chunk_loop(rows: torch.Tensor, weight: torch.Tensor, chunk: int, want_grads
     device = rows.device.type
     compute = _compute_dtype(device, weight)
     w = weight.to(compute)
-    w_for_grad = w.t().contiguous().t() if want_grads and transposed_weight_copy(rows.device, compute) else w
+    w_for_grad = w.t().contiguous().t() if want_grads and transposed_weight_copy(_layout_device.get() or rows.device, compute) else w
     totals = grad_weight = None
     grad_rows = torch.empty_like(rows) if want_grads else None
     with torch.autocast(device, enabled=False):
@@ -161,9 +173,10 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, chunk_loss, chunk):
-        terms, grad_rows, grad_weight = _chunk_loop(_local(rows), _local(weight), chunk, True, chunk_loss)
+        terms, grad_rows, grad_weight = _chunk_loop(local_tensor(rows), local_tensor(weight), chunk, True, chunk_loss)
         ctx.save_for_backward(grad_rows, grad_weight.to(weight.dtype))
         ctx.rows, ctx.weight = _layout_of(rows), _layout_of(weight)
+        ctx.vocab_partial = _VocabShard.of(weight).partial()
         return terms
 
     @staticmethod
@@ -173,18 +186,18 @@ class _FusedLoss(torch.autograd.Function):
         # In place: the buffers serve this one backward pass (no retain_graph double backward).
         # grad_rows holds this shard's part of a sum over the vocabulary: Partial, which the
         # all-gather of the hidden states turns into a reduce-scatter in its backward.
-        return ctx.rows(grad_rows.mul_(scale), partial=True), ctx.weight(grad_weight.mul_(scale)), None, None
+        return ctx.rows(grad_rows.mul_(scale), ctx.vocab_partial), ctx.weight(grad_weight.mul_(scale)), None, None
 
 
 def _layout_of(tensor: torch.Tensor):
     """Rewraps a local gradient the way ``tensor`` is laid out (a DTensor, or plain)."""
     if not isinstance(tensor, DTensor):
-        return lambda local, partial=False: local
-    mesh, placements, shape, stride = tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()
+        return lambda local, placements=None: local
+    mesh, own, shape, stride = tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride()
 
-    def wrap(local, partial=False):
-        where = [Partial() if partial else p for p in placements]
-        return DTensor.from_local(local, mesh, where, run_check=False, shape=shape, stride=stride)
+    def wrap(local, placements=None):
+        """``placements``: others than ``tensor``'s (a Partial sum over the vocabulary's mesh dims)."""
+        return DTensor.from_local(local, mesh, placements or own, run_check=False, shape=shape, stride=stride)
 
     return wrap
 
@@ -210,7 +223,7 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ch
     chunk_loss = make_chunk_loss(_VocabShard.of(weight), targets, want_grads)
     if want_grads:
         return _FusedLoss.apply(rows, weight, chunk_loss, chunk)
-    return _chunk_loop(_local(rows), _local(weight), chunk, False, chunk_loss)[0]
+    return _chunk_loop(local_tensor(rows), local_tensor(weight), chunk, False, chunk_loss)[0]
 
 
 def _cross_entropy_chunks(vocab: _VocabShard, targets: torch.Tensor, want_grads: bool) -> ChunkLoss:
@@ -270,7 +283,7 @@ def _distillation_chunks(teacher_rows, teacher_weight, alpha: float, temperature
     """Per chunk, from both models' shard logits (the teacher's matmul under ``teacher_precision``):
     the student's softmax at T = 1 (CE) and at T, the teacher's at T (q), reduced over the shards, and
     d(loss)/d(logits) = alpha (p - onehot) + (1 - alpha) T (p_T - q), each row weighted in the mean."""
-    teacher_rows, teacher_weight = _local(teacher_rows), _local(teacher_weight)
+    teacher_rows, teacher_weight = local_tensor(teacher_rows), local_tensor(teacher_weight)
     kl_weight, t = (1.0 - alpha) * temperature**2, temperature
 
     def make(vocab: _VocabShard, targets: torch.Tensor, want_grads: bool) -> ChunkLoss:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -70,32 +71,95 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class PeakTensorBytes(TorchDispatchMode):
-    """The most bytes of tensor storage created inside the block and alive at once, checked after every
-    op (what a CUDA allocator's peak counts, on any device; the CPU's resident set adds the heap's
-    fragmentation), and the largest storage; the storages of ``existing`` tensors are not counted."""
+    """Tensor storage that operators create while the mode is active, followed until freed: ``peak``
+    (the most bytes alive at once, checked after every op: what a CUDA allocator's peak counts, on any
+    device; the CPU's resident set adds the heap's fragmentation), ``largest`` (one storage) and
+    ``live_bytes()`` at any moment. The storages of ``existing`` tensors are not counted.
 
-    def __init__(self, *existing: torch.Tensor):
+    A storage is followed by a weak reference to the storage itself (``StorageWeakRef``), so one freed
+    and another created at its address are two storages. Under DTensor the mode sees DTensor's
+    operators (their local results' storages); with ``local_operators`` (a subclass's class attribute)
+    it sees the local operators instead (DTensor unwraps first, as ``CommDebugMode`` lets it), the
+    temporaries and collectives inside DTensor's ops included.
+    ``sizes`` maps a dimension's measured length to the length it stands for: a storage is counted at
+    the bytes its tensor would have at that shape. Each storage carries the ``tag`` set when it was
+    created (``tag_of`` may choose another).
+    """
+
+    def __init__(self, *existing: torch.Tensor, sizes: dict[int, int] | None = None):
         super().__init__()
-        self.live: dict = {}
+        self.existing = {StorageWeakRef(local_tensor(t).untyped_storage()).cdata for t in existing}
+        self.sizes = sizes or {}
+        self.live: dict[int, tuple[StorageWeakRef, int, str]] = {}
+        self.tag = "other"
         self.peak = self.largest = 0
-        self.existing = {StorageWeakRef(self._storage(t)).cdata for t in existing}
 
-    @staticmethod
-    def _storage(tensor: torch.Tensor):
-        return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
+    local_operators = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        if self.local_operators and any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tag = self.tag_of(func, args, kwargs)
+        self._drop_freed()
+        # A view or an in-place result shares an input's storage: nothing new, wherever that input came from.
+        inputs = {_storage_key(local_tensor(t)) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                storage = self._storage(tensor)
-                ref = StorageWeakRef(storage)
-                if ref.cdata not in self.existing and ref.cdata not in self.live:
-                    self.live[ref.cdata] = (ref, storage.nbytes())
-                    self.largest = max(self.largest, storage.nbytes())
-        self.live = {key: value for key, value in self.live.items() if not value[0].expired()}
-        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+            if isinstance(tensor, torch.Tensor) and _storage_key(local_tensor(tensor)) not in inputs:
+                self._follow(local_tensor(tensor), tag)
+        self.peak = max(self.peak, self._sum())
         return out
+
+    def tag_of(self, func, args, kwargs) -> str:
+        return self.tag
+
+    def _follow(self, tensor: torch.Tensor, tag: str) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except RuntimeError:  # a collective's result under the fake process group has no storage
+            return
+        ref = StorageWeakRef(storage)
+        if ref.cdata in self.existing or ref.cdata in self.live or not storage.nbytes():
+            return
+        size = storage.nbytes()
+        if self.sizes and size == tensor.numel() * tensor.element_size():
+            size = tensor.element_size() * math.prod(self.sizes.get(n, n) for n in tensor.shape)
+        self.live[ref.cdata] = (ref, size, tag)
+        self.largest = max(self.largest, size)
+
+    def _drop_freed(self) -> None:
+        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+
+    def _sum(self, tag: str | None = None) -> int:
+        return sum(size for _, size, kept in self.live.values() if tag is None or kept == tag)
+
+    def live_bytes(self, tag: str | None = None) -> int:
+        """Bytes alive now (of storages tagged ``tag``, or all)."""
+        self._drop_freed()
+        return self._sum(tag)
+
+    def is_followed(self, tensor: torch.Tensor, tag: str | None = None) -> bool:
+        """Whether ``tensor``'s storage is one created under the mode and alive (tagged ``tag``)."""
+        entry = self.live.get(StorageWeakRef(local_tensor(tensor).untyped_storage()).cdata)
+        return entry is not None and not entry[0].expired() and (tag is None or entry[2] == tag)
+
+    def mark(self) -> int:
+        """Restart the peak from the current level; returns that level."""
+        self.peak = self.live_bytes()
+        return self.peak
+
+
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    try:
+        return StorageWeakRef(tensor.untyped_storage()).cdata
+    except RuntimeError:  # a collective's result under the fake process group has no storage
+        return None
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class LogWindow:

@@ -26,19 +26,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import weakref
 from collections import Counter
 from dataclasses import astuple, dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides, load_config
 from .distributed import build_layout
-from .metrics import PEAK_BF16_FLOPS
+from .metrics import PEAK_BF16_FLOPS, PeakTensorBytes, local_tensor
 from .parallelize import build_model
 
 GIB = 2**30
@@ -80,11 +79,15 @@ GPUS = {
 }
 # Per GPU, whatever the layout; NCCL buffers come per communicator (``Gpu.nccl_buffers_gib``).
 RESERVE = {
-    # CUDA context with lazy module loading (CUDA 12): 0.3-0.6 GiB observed per process (nvidia-smi
-    # after torch.cuda.init()); not yet measured on a GPU here.
+    # CUDA context (driver, kernels of torch and NCCL loaded lazily, CUDA 12): an assumption, not yet
+    # measured on a GPU. The allocator's statistics do not include it; nvidia-smi's per-process figure
+    # less torch.cuda.memory_reserved() would measure it.
     "cuda_context_gib": 0.5,
-    # cuBLAS workspace: PyTorch sets 4 MiB x 8 (":4096:8", 32 MiB) per handle, Hopper 32 MiB x 2;
-    # one handle per stream in use (forward / backward and the NCCL side streams): 4 handles.
+    # cuBLAS workspaces. Arithmetic: PyTorch's default CUBLAS_WORKSPACE_CONFIG ":4096:8" is 8 x 4 MiB
+    # = 32 MiB per handle, one handle per stream that runs matmuls (forward / backward, and the side
+    # streams): 4 x 32 MiB = 0.125 GiB. Kept: twice that, an assumption for cuBLASLt's workspaces and
+    # other PyTorch versions' defaults; not yet measured on a GPU (the GPU check's memory_* checks
+    # count it, as the caching allocator holds it).
     "cublas_workspace_gib": 0.25,
 }
 # Allocator slack: the caching allocator with expandable segments (the trainer's default) wastes
@@ -125,7 +128,7 @@ def _local_parameter_count(model_key: tuple, parallel_key: tuple, shard_root: bo
     with fake_world(parallel.tp * parallel.dp):
         layout = build_layout(parallel, "cpu")
         built = build_model(ModelConfig(*model_key), layout, device="meta", shard_root=shard_root)
-        return sum(_local(p).numel() for p in built.parameters())
+        return sum(local_tensor(p).numel() for p in built.parameters())
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,27 +165,17 @@ def block_parameters(m: ModelConfig, tp: int) -> int:
 # Measurement
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
-    # The storage's own address: unique while it lives, and defined on the meta device too.
-    return tensor.untyped_storage()._cdata
+class StepRecorder(PeakTensorBytes):
+    """``PeakTensorBytes`` (every storage an operator creates, followed until freed) that also counts
+    every collective's bytes and tags autocast's copies of the parameters.
 
-
-class StepRecorder(TorchDispatchMode):
-    """Every storage that an operator creates, alive until freed, and every collective's bytes.
-
-    Under DTensor it sees the local operators and the collectives that DTensor issues (it lets
-    DTensor unwrap first, as ``CommDebugMode`` does). Storages are followed by weak references,
-    so ``live_bytes()`` is what is held at that moment and ``peak`` the most since ``mark()``.
-
-    ``sizes`` maps a dimension's measured length to the length it stands for (the measured
-    sequence to the planned micro-batch's tokens, a measured vocabulary shard to the real one):
-    every storage is counted at the bytes its tensor would have at the planned shape, so the
-    peak of a small run is the peak of the planned one (the measured lengths are chosen to
-    differ from every other dimension of the model). A storage is tagged with ``phase`` as set
-    when it was created; an autocast copy of a parameter (``aten._to_copy`` of a parameter's
-    storage) is tagged ``weight_copy``. Collectives: bytes of the whole tensor of each (an
-    all-gather's output, a reduce-scatter's input, an all-reduce's tensor), by (collective, mesh
-    dim name, or ``world``).
+    ``sizes`` (see ``PeakTensorBytes``) maps a measured length to the planned one (the measured
+    sequence to the planned micro-batch's tokens, a measured vocabulary shard to the real one): the
+    peak of a small run is then the peak of the planned one (the measured lengths are chosen to
+    differ from every other dimension of the model). An autocast copy of a parameter
+    (``aten._to_copy`` of a parameter's storage) is tagged ``weight_copy``. Collectives: bytes of the
+    whole tensor of each (an all-gather's output, a reduce-scatter's input, an all-reduce's tensor),
+    by (collective, mesh dim name, or ``world``).
     """
 
     COLLECTIVES = {"all_gather_into_tensor": "all_gather", "_allgather_base_": "all_gather",
@@ -192,30 +185,20 @@ class StepRecorder(TorchDispatchMode):
                    "all_reduce": "all_reduce", "allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce",
                    "broadcast": "broadcast", "broadcast_": "broadcast"}
 
+    local_operators = True
+
     def __init__(self, group_dims: dict[str, str] | None = None, parameters=(), sizes: dict[int, int] | None = None):
-        super().__init__()
+        super().__init__(*parameters, sizes=sizes)
         self.group_dims = group_dims or {}
-        self.sizes = sizes or {}
-        self.parameter_keys = {_storage_key(_local(p)) for p in parameters}
-        self.live: dict[int, tuple[int, str]] = {}
-        self.phase = "other"
-        self.current = 0
-        self.peak = 0
         self.collectives: Counter = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+    def tag_of(self, func, args, kwargs) -> str:
         name = func._schema.name.split("::")[-1]
         if name in self.COLLECTIVES:
             self._count(self.COLLECTIVES[name], func, args, kwargs)
-        from_parameter = name == "_to_copy" and _storage_key(args[0]) in self.parameter_keys
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._follow(tensor, "weight_copy" if from_parameter else self.phase)
-        return out
+        if name == "_to_copy" and StorageWeakRef(args[0].untyped_storage()).cdata in self.existing:
+            return "weight_copy"
+        return self.tag
 
     def _count(self, kind: str, func, args, kwargs) -> None:
         flat = tree_flatten((args, kwargs))[0]
@@ -231,40 +214,9 @@ class StepRecorder(TorchDispatchMode):
             size = tensors[0].nbytes * (_int_arg(flat) if kind == "all_gather" else 1)
         self.collectives[(kind, dim)] += size
 
-    def _follow(self, tensor: torch.Tensor, phase: str) -> None:
-        try:
-            storage = tensor.untyped_storage()
-        except RuntimeError:  # a collective's result under the fake process group has no storage
-            return
-        key = storage._cdata
-        if key in self.live or key in self.parameter_keys or not storage.nbytes():
-            return
-        size = storage.nbytes()
-        if self.sizes and size == tensor.numel() * tensor.element_size():
-            size = tensor.element_size() * math.prod(self.sizes.get(n, n) for n in tensor.shape)
-        self.live[key] = (size, phase)
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, (0, ""))[0]
-
-    def mark(self) -> int:
-        """Restart the peak from the current level; returns that level."""
-        self.peak = self.current
-        return self.current
-
-    def live_bytes(self, phase: str | None = None) -> int:
-        return sum(size for size, tag in self.live.values() if phase is None or tag == phase)
-
 
 def _int_arg(flat) -> int:
     return next(a for a in flat if isinstance(a, int) and not isinstance(a, bool))
-
-
-def _local(tensor):
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def group_dims(layout) -> dict[str, str]:
@@ -288,13 +240,25 @@ class ActivationBytes:
     loss_chunk: int             # tokens whose logits exist at once (0: the whole micro-batch)
 
 
+def _second_of_two(measure):
+    """Measure twice, keep the second: the first time DTensor's sharding propagation meets an operator
+    at a shape, it runs operators of its own (on fake copies of the inputs, outputs it keeps in its
+    cache) that a storage tracker would count; a step is measured as it runs from its second on."""
+    @functools.wraps(measure)
+    def second(*args, **kwargs):
+        measure(*args, **kwargs)
+        return measure(*args, **kwargs)
+
+    return second
+
+
 def _filled(model) -> None:
     """Parameters set to a small constant and gradients to zeros (accumulation adds in place, as from
     the second micro-batch on): the memory of a step does not depend on the values, and seeded
     initialization of a 4b9 block takes 15 s on this CPU."""
     with torch.no_grad():
         for param in model.parameters():
-            _local(param).fill_(0.01)
+            local_tensor(param).fill_(0.01)
             param.grad = torch.zeros_like(param)
 
 
@@ -318,7 +282,8 @@ def _fake_tensors(model):
 
 
 @functools.lru_cache(maxsize=None)
-def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq: int) -> ActivationBytes:
+@_second_of_two
+def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq: int, device: str) -> ActivationBytes:
     m = ModelConfig(*model_key)
     # One block at the real widths; a vocabulary of 64 rows per rank keeps the embedding out of the way.
     one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
@@ -331,7 +296,7 @@ def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq
 
             def phase(name, record=False):
                 def hook(*_):
-                    recorder.phase = name
+                    recorder.tag = name
                     if record:
                         after_block.update({tag: recorder.live_bytes(tag) for tag in ("embedding", "block", "weight_copy")})
                 return hook
@@ -341,12 +306,12 @@ def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq
             model.layers[0].register_forward_hook(phase("head", record=True))
             ids = torch.zeros(micro_batch, seq, dtype=torch.long)
             with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
-                hidden = _local(model(ids, head=lambda model, hidden, targets: hidden))
+                hidden = local_tensor(model(ids, head=lambda model, hidden, targets: hidden))
                 kept = recorder.mark()
                 # The block's backward alone: its output's gradient arrives as the loss's would.
                 hidden.backward(torch.ones_like(hidden))
             backward_peak = recorder.peak - kept
-    loss_peak, chunk = _measure_loss(model_key, tp, sp, micro_batch * seq)
+    loss_peak, chunk = _measure_loss(model_key, tp, sp, micro_batch * seq, device=device)
     return ActivationBytes(after_block["block"], after_block["embedding"], max(0, backward_peak),
                            after_block["weight_copy"], loss_peak, chunk)
 
@@ -362,12 +327,15 @@ def _small_model(m: ModelConfig, tp: int, rows: int, seq: int, layout, weights_d
 
 
 @functools.lru_cache(maxsize=None)
-def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key: tuple | None = None) -> tuple[int, int]:
+@_second_of_two
+def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key: tuple | None = None,
+                  device: str = "cuda") -> tuple[int, int]:
     """The loss's transient peak (its forward and backward, by the model's own loss path, or the
     distillation loss with ``teacher_key``'s model) at the planned tokens and the real vocabulary
     shard, from a run at the real hidden widths with three chunks of a few tokens and a small
-    vocabulary shard (``StepRecorder``'s ``sizes``); and the loss's chunk of tokens."""
-    from .loss import distillation_loss, loss_context
+    vocabulary shard (``StepRecorder``'s ``sizes``); and the loss's chunk of tokens. The loss runs
+    as on ``device`` (``loss.weight_layout_as``), whatever this CPU does natively."""
+    from .loss import distillation_loss, loss_context, weight_layout_as
 
     m = ModelConfig(*model_key)
     rows, chunk_measured = 521, 37 * tp  # lengths no other dimension of the planned models has
@@ -385,7 +353,7 @@ def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key:
         ids = torch.zeros(1, seq, dtype=torch.long)
         states = lambda model, hidden, targets: hidden  # noqa: E731 - the final hidden states, no loss
         recorder = StepRecorder(group_dims(layout), model.parameters(), sizes)
-        with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model), weight_layout_as(device):
             hidden = model(ids, head=states).detach().requires_grad_()
             if teacher_key is None:
                 loss = lambda: model.loss_from_hidden(hidden, ids)  # noqa: E731
@@ -401,15 +369,17 @@ def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key:
     return recorder.peak - start, chunk
 
 
-def measured_activations(m: ModelConfig, tp: int, sp: bool, ac: str, micro_batch: int, seq: int) -> ActivationBytes:
+def measured_activations(m: ModelConfig, tp: int, sp: bool, ac: str, micro_batch: int, seq: int,
+                         device: str = "cuda") -> ActivationBytes:
     """``ActivationBytes`` of model ``m`` at tensor-parallel degree ``tp`` for a micro-batch of
     ``micro_batch`` x ``seq`` tokens, measured (once per process): one block's training step at
     the planned shape on fake tensors under a fake process group of ``tp`` ranks; the loss's
-    transient from a small real run (``_measure_loss``)."""
-    return _measure(astuple(m), tp, sp and tp > 1, ac, micro_batch, seq)
+    transient from a small real run (``_measure_loss``) as the loss runs on ``device``."""
+    return _measure(astuple(m), tp, sp and tp > 1, ac, micro_batch, seq, str(device))
 
 
 @functools.lru_cache(maxsize=None)
+@_second_of_two
 def measured_fsdp_retained(model_key: tuple, tp: int, micro_batch: int, seq: int) -> int:
     """Bytes per block that FSDP2 keeps from one micro-batch to the next without gradient sync
     (gradient accumulation): measured after a backward under ``set_requires_gradient_sync(False)``
@@ -427,7 +397,7 @@ def measured_fsdp_retained(model_key: tuple, tp: int, micro_batch: int, seq: int
             recorder = StepRecorder(group_dims(layout), model.parameters())
             model.set_requires_gradient_sync(False)
             with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
-                hidden = _local(model(torch.zeros(micro_batch, seq, dtype=torch.long),
+                hidden = local_tensor(model(torch.zeros(micro_batch, seq, dtype=torch.long),
                                       head=lambda model, hidden, targets: hidden))
                 hidden.backward(torch.ones_like(hidden))
                 del hidden
@@ -451,53 +421,74 @@ def _local_tensor_shapes(m: ModelConfig, tp: int) -> tuple[list[tuple[int, int]]
     return block, root
 
 
+def _padded(shapes: list[tuple[int, int]], dp: int) -> int:
+    """Elements of ``shapes`` as FSDP2 gathers them: dim 0 padded to a multiple of dp."""
+    return sum(math.ceil(rows / dp) * dp * cols for rows, cols in shapes)
+
+
+def _sequence_parallel_forward(m: ModelConfig, tokens: int, embedding_bytes: int) -> tuple[int, int]:
+    """(all-gather, reduce-scatter) bytes of one forward of ``m`` under sequence parallelism: each
+    block gathers its attention and MLP inputs onto the whole sequence and reduce-scatters the outputs
+    of o_proj and down_proj (bf16); the embedding's partial sums are reduce-scattered (in the weights'
+    dtype: ``embedding_bytes`` per element), the lm_head's input gathered."""
+    activation = 2 * tokens * m.hidden_size
+    return 2 * m.num_layers * activation + activation, 2 * m.num_layers * activation + embedding_bytes * tokens * m.hidden_size
+
+
 def collective_bytes(m: ModelConfig, tp: int, dp: int, ac: str, micro_batch: int, seq: int, micro_batches: int,
-                     reshard_after_forward: bool = True, terms: int = 1) -> Counter:
+                     reshard_after_forward: bool = True, teacher: ModelConfig | None = None,
+                     teacher_fsdp: bool = False) -> Counter:
     """Bytes of every collective of one optimizer step on tp rank 0, by (collective, mesh dim):
     whole tensors (an all-gather's output, a reduce-scatter's input, an all-reduce's tensor), as
     ``StepRecorder`` counts them; tested equal to its count of the real step for tp 2, dp 2 and 2 x 2.
     Tensor parallelism with sequence parallelism (the default; the planner plans no other), bf16
-    autocast, FSDP2 gathering in bf16 and reducing in fp32.
+    autocast, FSDP2 gathering in bf16 and reducing in fp32. With ``teacher`` (bf16 weights, forward
+    only, blocks sharded over dp with ``teacher_fsdp``): distillation's step.
     """
     counts: Counter = Counter()
     block, root = _local_tensor_shapes(m, tp)
-    layers, width = m.num_layers, m.hidden_size
+    layers, width, tokens = m.num_layers, m.hidden_size, micro_batch * seq
     if tp > 1:
-        activation = 2 * micro_batch * seq * width                # bf16 (tokens x hidden)
-        embedding = activation * (1 if dp > 1 else 2)             # in the weights' dtype: bf16 under FSDP2, else fp32
-        recompute = ac in ("full", "selective")                   # the block's forward again in backward
-        # Forward: each block gathers its attention and MLP inputs onto the whole sequence and
-        # reduce-scatters the outputs of o_proj and down_proj; the embedding's partial sums are
-        # reduce-scattered, the lm_head's input gathered. Backward: each the other way round.
-        # Recomputation stops after the last saved tensor it needs: down_proj's reduction is not redone.
-        gathers = 2 * layers * activation + activation + 2 * layers * activation + embedding
-        scatters = 2 * layers * activation + embedding + 2 * layers * activation + activation
-        if recompute:
+        activation = 2 * tokens * width                           # bf16 (tokens x hidden)
+        forward_gathers, forward_scatters = _sequence_parallel_forward(m, tokens, 2 if dp > 1 else 4)
+        # Backward: each of the forward's collectives the other way round, at the same size.
+        gathers = scatters = forward_gathers + forward_scatters
+        if ac in ("full", "selective"):  # the block's forward again in backward
+            # Recomputation stops after the last saved tensor it needs: down_proj's reduction is not redone.
             gathers += 2 * layers * activation
             scatters += layers * activation
-        # The loss's reductions over the vocabulary shards (fp32: the max, then the sum of exponentials
-        # with the target's logit) and the gradients of the replicated norm weights (their dp shard).
-        reductions = 3 * 4 * micro_batch * seq + 4 * (2 * layers + 1) * math.ceil(width / dp)
+        # The loss's reductions over the vocabulary shards, fp32 per token: pretraining's max, then the
+        # sum of exponentials with the target's logit; distillation's two maxima (student, teacher),
+        # then five sums (p, p_T, q, the target's logit, the cross term).
+        loss_rows = 7 if teacher else 3
+        # and the gradients of the replicated norm weights (their dp shard)
+        reductions = loss_rows * 4 * tokens + 4 * (2 * layers + 1) * math.ceil(width / dp)
+        if teacher:  # its forward in bf16, its final hidden states gathered for the loss
+            teacher_gathers, teacher_scatters = _sequence_parallel_forward(teacher, tokens, 2)
+            gathers += teacher_gathers
+            scatters += teacher_scatters
         counts[("all_gather", "tp")] += micro_batches * gathers
         counts[("reduce_scatter", "tp")] += micro_batches * scatters
         counts[("all_reduce", "tp")] += micro_batches * reductions
     if dp > 1:
-        def padded(shapes):  # FSDP2 pads dim 0 to a multiple of dp
-            return sum(math.ceil(rows / dp) * dp * cols for rows, cols in shapes)
-
         gathers_per_block = 2 if reshard_after_forward else 1    # forward, and again for backward
-        counts[("all_gather", "dp")] += micro_batches * 2 * (gathers_per_block * layers * padded(block) + padded(root))
+        counts[("all_gather", "dp")] += micro_batches * 2 * (gathers_per_block * layers * _padded(block, dp)
+                                                             + _padded(root, dp))
+        if teacher and teacher_fsdp:  # each teacher block gathered once per micro-batch (no backward)
+            counts[("all_gather", "dp")] += micro_batches * 2 * teacher.num_layers * _padded(
+                _local_tensor_shapes(teacher, tp)[0], dp)
         # Gradients reduce-scattered once per step (after the last micro-batch), in fp32.
-        counts[("reduce_scatter", "dp")] += 4 * (layers * padded(block) + padded(root))
+        counts[("reduce_scatter", "dp")] += 4 * (layers * _padded(block, dp) + _padded(root, dp))
     # Gradient clipping: the per-tensor norms (fp32) reduced over each sharded mesh dim.
     tensors = layers * len(block) + len(root)
     for dim, size in (("tp", tp), ("dp", dp)):
         if size > 1:
             counts[("all_reduce", dim)] += 4 * tensors
-    # The step's loss terms averaged over the world (fp32), on the default group.
+    # The step's loss terms averaged over the world (fp32), on the default group: pretraining's loss;
+    # distillation's loss, CE and KL.
     world = "world" if tp > 1 and dp > 1 else "tp" if tp > 1 else "dp" if dp > 1 else None
     if world:
-        counts[("all_reduce", world)] += 4 * terms
+        counts[("all_reduce", world)] += 4 * (3 if teacher else 1)
     return counts
 
 
@@ -514,6 +505,7 @@ def teacher_model(name: str, student: ModelConfig) -> ModelConfig:
 
 
 @functools.lru_cache(maxsize=None)
+@_second_of_two
 def _measure_teacher_forward(model_key: tuple, tp: int, sp: bool, micro_batch: int, seq: int) -> tuple[int, int]:
     """(peak above what it keeps, what it keeps) of a bf16 teacher block's forward without gradients,
     at the planned shape on fake tensors: the teacher's working set beside the student's step."""
@@ -559,6 +551,25 @@ def _ring_seconds(counts: Counter, dim: str, ranks: int, bytes_per_s: float) -> 
     return moved * (ranks - 1) / ranks / bytes_per_s if ranks > 1 else 0.0
 
 
+def fsdp_exposed_seconds(gather_s: float, scatter_s: float, in_line_s: float, first_gather_s: float,
+                         last_scatter_s: float, compute_s: float, last_backward_s: float, micro_batches: int) -> float:
+    """The part of a step's FSDP2 communication that compute does not hide (every argument in seconds
+    of one optimizer step, all micro-batches together unless named otherwise).
+
+    Gathers (``gather_s``): in each micro-batch the first ones (the root's and the first block's,
+    ``first_gather_s``) wait with nothing to overlap; the others are prefetched behind that
+    micro-batch's compute. The gradients' reduce-scatter (``scatter_s``) runs once per step, during
+    the last micro-batch's backward (``last_backward_s``), and the root's (``last_scatter_s``, ready
+    only when the backward ends) after it. All-reduces (``in_line_s``: clipping's norms, the loss
+    terms) wait in line. The link carries the last backward's gathers beside its reduce-scatters:
+    that contention is not modelled.
+    """
+    per_batch_gather, per_batch_compute = gather_s / micro_batches, compute_s / micro_batches
+    gathers = micro_batches * (first_gather_s + max(0.0, per_batch_gather - first_gather_s - per_batch_compute))
+    scatter = last_scatter_s + max(0.0, scatter_s - last_scatter_s - last_backward_s)
+    return gathers + scatter + in_line_s
+
+
 def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | None, ac: str,
          teacher: str | None = None, teacher_fsdp: bool = False) -> dict:
     """Per-GPU memory, communication and predicted step time of a run with tensor parallelism
@@ -582,7 +593,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
     memory = {"parameters_fp32": 4 * params, "gradients_fp32": 4 * params, "adamw_state_fp32": 8 * params,
               "activations_kept": acts.embedding_kept + m.num_layers * acts.block_kept,
               "transient_peak": max(acts.block_backward_peak, acts.loss_peak)}
-    _, root_shapes = _local_tensor_shapes(m, tp)
+    block_shapes, root_shapes = _local_tensor_shapes(m, tp)
     if dp == 1:  # autocast's bf16 weight copies live from a block's forward to the end of its backward
         memory["autocast_weight_copies"] = m.num_layers * acts.weight_copies_per_block
     else:  # FSDP2 gathers bf16 weights: the root's for the whole step, two blocks at a time (or all kept)
@@ -592,11 +603,12 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
         if micro_batches > 1:
             memory["fsdp_accumulated_gradients"] = m.num_layers * measured_fsdp_retained(astuple(m), tp, micro_batch, seq)
     flops_per_token = _flops_per_token(astuple(m), seq)
+    forward_per_token = flops_per_token / 3  # forward: a third of forward + backward
     # Recomputation: full checkpointing runs each block's forward again (a third of its share of the
     # FLOPs); selective keeps the matmul and attention outputs, so what it recomputes costs no FLOPs.
     lm_head = 6 * m.vocab_size * m.hidden_size
     executed_per_token = flops_per_token + ((flops_per_token - lm_head) / 3 if ac == "full" else 0)
-    distilling = {}
+    distilling, teacher_shape = {}, None
     if teacher:
         extra = teacher_bytes(teacher, m, cfg.parallel, tp, dp, micro_batch, seq, teacher_fsdp)
         distilling = {"teacher": teacher, "teacher_fsdp": teacher_fsdp, "teacher_runs": extra["runs"],
@@ -607,6 +619,8 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
             memory["transient_peak"] = max(acts.block_backward_peak, extra["loss_transient"])
             flops_per_token += extra["flops_per_token"]
             executed_per_token += extra["flops_per_token"]
+            forward_per_token += extra["flops_per_token"]
+            teacher_shape = teacher_model(teacher, m)
             distilling["teacher_local_parameters"] = extra["local_parameters"]
     communicators = (tp > 1) + (dp > 1) + (tp > 1 and dp > 1)  # tp, dp and the world group
     reserve = {"cuda_context": RESERVE["cuda_context_gib"] * GIB, "cublas_workspace": RESERVE["cublas_workspace_gib"] * GIB,
@@ -618,15 +632,24 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
     step_tokens = sequences * seq
     gpus = tp * dp
     compute_s = step_tokens * executed_per_token / gpus / (gpu_spec.peak_flops * gpu_spec.matmul_efficiency)
-    counts = collective_bytes(m, tp, dp, ac, micro_batch, seq, micro_batches, reshard)
+    counts = collective_bytes(m, tp, dp, ac, micro_batch, seq, micro_batches, reshard, teacher_shape, teacher_fsdp)
     nvlink = gpu_spec.nvlink_bytes_per_s * gpu_spec.link_efficiency
     dp_link = nvlink if gpus <= gpu_spec.per_node else gpu_spec.network_bytes_per_s * gpu_spec.link_efficiency
     tp_s = _ring_seconds(counts, "tp", tp, nvlink)  # DTensor runs them in line with the compute: exposed
     dp_s = _ring_seconds(counts, "dp", dp, dp_link)
-    # FSDP2 prefetches the next block's gather and reduce-scatters behind the backward: exposed only
-    # where it outlasts the compute it hides behind, plus the first block's gather of each micro-batch.
-    first_gather = dp_s / max(1, 2 * m.num_layers + 1) * micro_batches if dp > 1 else 0.0
-    exposed_dp_s = max(0.0, dp_s - compute_s) + first_gather
+    exposed_dp_s = 0.0
+    if dp > 1:
+        def seconds(collective, size):
+            return _ring_seconds(Counter({(collective, "dp"): size}), "dp", dp, dp_link)
+
+        exposed_dp_s = fsdp_exposed_seconds(
+            gather_s=seconds("all_gather", counts[("all_gather", "dp")]),
+            scatter_s=seconds("reduce_scatter", counts[("reduce_scatter", "dp")]),
+            in_line_s=seconds("all_reduce", counts[("all_reduce", "dp")]),
+            first_gather_s=seconds("all_gather", 2 * (_padded(root_shapes, dp) + _padded(block_shapes, dp))),
+            last_scatter_s=seconds("reduce_scatter", 4 * _padded(root_shapes, dp)),
+            compute_s=compute_s, last_backward_s=compute_s / micro_batches * (1 - forward_per_token / executed_per_token),
+            micro_batches=micro_batches)
     step_s = compute_s + tp_s + exposed_dp_s
     tokens_per_s = step_tokens / step_s
     budget = cfg.train.steps * step_tokens if cfg.train.steps else TOKEN_BUDGET

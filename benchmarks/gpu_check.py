@@ -3,8 +3,10 @@
     python3 benchmarks/gpu_check.py [--gpu h200-141gb] [--layers 4] [--seq 4096]
     python3 benchmarks/gpu_check.py --device cpu --small   # every check on tiny shapes (the CPU test)
 
-Each check prints one JSON line as it finishes (``{"check": name, "pass": ..., "seconds": ...}``) and
-has a time budget: one that runs over it is stopped and reported, and the next one starts. Checks:
+Each check runs in a process of its own and prints one JSON line as it finishes (``{"check": name,
+"pass": ..., "seconds": ...}``); it has a time budget: a check that runs over it (a hang in a CUDA
+synchronization or an NCCL collective included) has its process killed, is reported, and the next
+one starts. The outer ``timeout`` of ``gpu_check.sh`` bounds the whole run. Checks:
 - ``train_bf16``: bf16 autocast steps with fused AdamW and the padded head_dim; the loss falls, and
   the profiler names the attention kernel that ran (flash or memory-efficient expected);
 - ``kv_cache_bf16``: greedy decoding with a bf16 KV cache equals full recomputation;
@@ -24,9 +26,9 @@ package are imported (random tokens; no data pipeline, tokenizer or Hugging Face
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -43,10 +45,6 @@ from argonne_dt.generate import SamplingConfig, generate
 from argonne_dt.optim import build_optimizer
 from argonne_dt.parallelize import apply_activation_checkpointing, build_model, compile_blocks
 from argonne_dt.step import accumulate_gradients, train_step
-
-
-class OverBudget(Exception):
-    pass
 
 
 def _sync(device):
@@ -149,12 +147,12 @@ def check_dcp(cfg, device, batch, seq, asynchronous: bool) -> dict:
             "optimizer_moments_equal": moments_equal, "save_s": saved_s}
 
 
-def _planned_step_bytes(cfg, ac: str, batch: int, seq: int) -> dict:
+def _planned_step_bytes(cfg, ac: str, batch: int, seq: int, device: torch.device) -> dict:
     """What the planner says a one-device step of ``cfg`` holds above weights and AdamW state."""
     from argonne_dt.plan import local_parameter_count, measured_activations
 
     m = cfg.model
-    acts = measured_activations(m, 1, False, ac, batch, seq)
+    acts = measured_activations(m, 1, False, ac, batch, seq, device.type)
     params = local_parameter_count(m, cfg.parallel, 1, 1)
     return {"gradients": 4 * params, "activations_kept": acts.embedding_kept + m.num_layers * acts.block_kept,
             "autocast_weight_copies": m.num_layers * acts.weight_copies_per_block,
@@ -170,9 +168,9 @@ def _measured_step_bytes(model, optimizer, batch, cfg, device) -> int:
         before = torch.cuda.memory_allocated(device)
         _step(model, optimizer, batch, cfg)
         return torch.cuda.max_memory_allocated(device) - before
-    from argonne_dt.plan import StepRecorder  # on CPU: every storage the step creates, followed
+    from argonne_dt.metrics import PeakTensorBytes  # on CPU: every storage the step creates, followed
 
-    recorder = StepRecorder(parameters=model.parameters())
+    recorder = PeakTensorBytes(*model.parameters())
     with recorder:
         _step(model, optimizer, batch, cfg)
     return recorder.peak
@@ -183,7 +181,7 @@ def check_memory(cfg, device, batch, seq, ac: str) -> dict:
     apply_activation_checkpointing(model, ac, 0)
     optimizer = _optimizer(model, cfg, device)
     measured = _measured_step_bytes(model, optimizer, _batch(cfg, device, batch, seq), cfg, device)
-    parts = _planned_step_bytes(cfg, ac, batch, seq)
+    parts = _planned_step_bytes(cfg, ac, batch, seq, device)
     planned = sum(parts.values())
     del model, optimizer
     if device.type == "cuda":
@@ -285,24 +283,55 @@ def planned_name(device) -> str | None:
     return None
 
 
-def run_check(name: str, budget_s: float, fn, *args) -> dict:
-    """Run one check within ``budget_s`` seconds; print its JSON line at once, whatever happens."""
-    def stop(*_):
-        raise OverBudget(f"over its budget of {budget_s:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, budget_s)
-    started = time.perf_counter()
+def _check_in_child(connection, fn, args) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     try:
         result = fn(*args)
-    except OverBudget as err:
-        result = {"pass": False, "error": str(err)}
     except Exception:  # noqa: BLE001 - a failed check is reported, and the others still run
         result = {"pass": False, "error": traceback.format_exc(limit=4)}
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    line = {"check": name, **result, "seconds": round(time.perf_counter() - started, 1), "budget_s": budget_s}
+    connection.send(result)
+    connection.close()
+
+
+def run_check(name: str, budget_s: float, fn, *args) -> dict:
+    """Run one check and print its JSON line at once. On a GPU: in a process of its own (spawned: CUDA
+    does not survive a fork), killed when it outlasts ``budget_s`` seconds (its start-up included),
+    also inside C code (a CUDA synchronization, an NCCL collective), so that the next check still runs.
+    On CPU (the test of this script), where nothing waits on a device, in this process: a check over
+    its budget is reported so, not stopped."""
+    if not any(isinstance(arg, torch.device) and arg.type == "cuda" for arg in args):
+        started = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception:  # noqa: BLE001 - a failed check is reported, and the others still run
+            result = {"pass": False, "error": traceback.format_exc(limit=4)}
+        return _report(name, result, started, budget_s)
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_check_in_child, args=(send, fn, args))
+    started = time.perf_counter()
+    child.start()
+    send.close()
+    if receive.poll(budget_s):
+        try:
+            result = receive.recv()
+        except EOFError:
+            child.join()
+            result = {"pass": False, "error": f"its process ended (exit code {child.exitcode}) without a result"}
+    else:
+        result = {"pass": False, "error": f"over its budget of {budget_s:.0f} s: its process was killed"}
+    if child.is_alive():
+        child.kill()
+    child.join()
+    return _report(name, result, started, budget_s)
+
+
+def _report(name: str, result: dict, started: float, budget_s: float) -> dict:
+    seconds = time.perf_counter() - started
+    if seconds > budget_s and result.get("pass") is not False:
+        result = {**result, "pass": False, "error": f"over its budget of {budget_s:.0f} s"}
+    line = {"check": name, **result, "seconds": round(seconds, 1), "budget_s": budget_s}
     print(json.dumps(line, default=str), flush=True)
     return line
 
@@ -323,8 +352,6 @@ def main() -> None:
     device = torch.device(args.device)
     gpu = args.gpu
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         gpu = gpu or planned_name(device)
     print(json.dumps({"check": "machine", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "planned_as": gpu, "torch": torch.__version__, "python": sys.version.split()[0]}), flush=True)

@@ -10,7 +10,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 out="${OUT:-.}/gpu_check.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# Each check has its own budget inside; this bounds the whole run (model builds, imports) as well.
+# Each check runs in its own process, killed at its budget (a hang in C, a CUDA sync or an NCCL
+# collective, included); this timeout bounds the whole run, and the lines printed so far stay in $out.
 timeout 330 python3 benchmarks/gpu_check.py --layers "${LAYERS:-4}" --micro-batch "${MICRO_BATCH:-1}" "$@" \
   | tee "$out"
 echo "results: $out"

@@ -10,7 +10,8 @@ Memory is measured (see ``argonne_dt/plan.py``): parameters from the parallelize
 activations from a block's step at the planned shape, the loss's transient from its own code path.
 Communication is the closed form tested against a real step's collectives. Step time = FLOPs at
 the GPU's stated matmul efficiency + tensor-parallel collectives (exposed) + what FSDP2's
-collectives add beyond the compute they overlap, over the stated link bandwidths.
+collectives add beyond the compute they overlap (``plan.fsdp_exposed_seconds``), over the stated
+link bandwidths.
 """
 
 import argparse
@@ -25,7 +26,9 @@ def _assumptions(gpu: str) -> str:
     return (f"assumptions for {gpu}: {g.peak_flops / 1e12:.0f} TFLOP/s bf16 peak at {g.matmul_efficiency:.0%} matmul "
             f"efficiency; NVLink {g.nvlink_bytes_per_s / 1e9:.0f} GB/s and InfiniBand {g.network_bytes_per_s / 1e9:.0f} "
             f"GB/s per GPU per direction at {g.link_efficiency:.0%} (NCCL ring bus bandwidth), {g.per_node} GPUs per "
-            f"node, tp within a node; TP/SP collectives exposed, FSDP2's overlapped with compute; reserve: CUDA context "
+            f"node, tp within a node; TP/SP collectives exposed; FSDP2's gathers overlapped with each micro-batch's compute "
+            f"(but the first of each), its gradient reduce-scatter with the last micro-batch's backward (but the "
+            f"root's); reserve: CUDA context "
             f"{RESERVE['cuda_context_gib']} GiB, cuBLAS workspaces {RESERVE['cublas_workspace_gib']} GiB, NCCL "
             f"{g.nccl_buffers_gib} GiB per communicator, 5% allocator slack")
 
@@ -47,10 +50,11 @@ def _table(rows: list[dict]) -> None:
 def _why(best: dict, rows: list[dict]) -> str:
     reasons = [f"the highest predicted throughput ({best['predicted_tokens_per_s']:,.0f} tokens/s, "
                f"{best['predicted_days']:.1f} days for {best['token_budget'] / 1e9:.1f}B tokens)"]
-    if best["tp"] == 1:
-        reasons.append("no tensor-parallel collectives in the critical path; FSDP2's gathers hide behind compute")
-    else:
+    if best["tp"] > 1:
         reasons.append(f"tensor parallelism costs {best['tp_comm_s'] / best['step_s']:.0%} of the step in exposed collectives")
+    if best["dp"] > 1:
+        reasons.append(f"FSDP2's collectives take {best['dp_comm_s']:.3f} s per step, of which compute leaves "
+                       f"{best['exposed_dp_comm_s']:.3f} s exposed ({best['exposed_dp_comm_s'] / best['step_s']:.0%} of the step)")
     reasons.append(f"{best['total_gib']:.1f} of {best['gpu_gib']} GiB ({best['activation_checkpoint']} checkpointing)")
     safest = min(rows, key=lambda r: r["total_gib"])
     if safest is not best:

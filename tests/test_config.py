@@ -130,3 +130,24 @@ def test_a_global_batch_derives_accumulation_and_refuses_what_the_layout_cannot_
         validate(cfg, world_size=2)
     cfg.train.grad_accum_steps, cfg.train.global_batch_size = 3, 0  # unset: accumulation as configured
     assert grad_accum_steps(cfg.train, 3) == 3
+
+
+def test_a_moved_key_under_both_names_is_refused_and_messages_name_the_key_written(tmp_path):
+    path = tmp_path / "run.toml"
+    for text in ("[train]\nloss_chunk_tokens = 256\n[distill]\nchunk_tokens = 512\n",
+                 "[distill]\nchunk_tokens = 512\n[train]\nloss_chunk_tokens = 256\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="distill.chunk_tokens is the former name of train.loss_chunk_tokens"):
+            load_config(path)
+    path.write_text("[train]\nloss_chunk_tokens = 256\n")
+    with pytest.raises(ConfigError, match="give only train.loss_chunk_tokens"):
+        load_config(path, ["--distill.chunk_tokens=128"])
+    assert load_config(path, ["--train.loss_chunk_tokens=128"]).train.loss_chunk_tokens == 128
+    path.write_text("[distill]\nchunk_tokens = 0\nteacher = 'x'\n")
+    with pytest.raises(ConfigError, match=r"^distill.chunk_tokens=0 \(full logits\) cannot distill"):
+        load_config(path)
+    path.write_text("[distill]\nchunk_tokens = -1\n")
+    with pytest.raises(ConfigError, match=r"^distill.chunk_tokens must be >= 0"):
+        load_config(path)
+    path.write_text("[distill]\nchunk_tokens = 64\n")
+    assert load_config(path).train.loss_chunk_tokens == 64

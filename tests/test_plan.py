@@ -62,3 +62,46 @@ def test_layouts_are_ranked_fastest_first_and_all_fit():
     speeds = [r["predicted_tokens_per_s"] for r in rows]
     assert speeds == sorted(speeds, reverse=True)
     assert {r["tp"] for r in rows} == {1, 2}  # tiny's 2 kv heads split at most 2 ways
+
+
+def test_exposed_fsdp_time_by_hand():
+    from argonne_dt.plan import fsdp_exposed_seconds
+
+    # Two micro-batches of 1 s compute, 2 s of gathers each (0.25 s of them first, with nothing to
+    # overlap): 0.25 + (2 - 0.25 - 1) exposed per micro-batch. The step's 3 s reduce-scatter hides
+    # behind the last backward (1 s) except the root's 0.5 s, which comes after it: 0.5 + (3 - 0.5 - 1).
+    # Clipping's all-reduces (0.1 s) wait in line.
+    assert fsdp_exposed_seconds(gather_s=4, scatter_s=3, in_line_s=0.1, first_gather_s=0.25, last_scatter_s=0.5,
+                                compute_s=2, last_backward_s=1, micro_batches=2) == pytest.approx(2 * 1.0 + 2.0 + 0.1)
+    # Compute longer than everything: only the first gathers of each micro-batch and the root's scatter.
+    assert fsdp_exposed_seconds(gather_s=4, scatter_s=3, in_line_s=0, first_gather_s=0.25, last_scatter_s=0.5,
+                                compute_s=40, last_backward_s=10, micro_batches=4) == pytest.approx(4 * 0.25 + 0.5)
+
+
+def test_distillation_counts_the_teachers_collectives():
+    from dataclasses import replace
+
+    from argonne_dt.config import ModelConfig
+    from argonne_dt.plan import _local_tensor_shapes, _padded, collective_bytes
+
+    student = ModelConfig(vocab_size=1001, hidden_size=240, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=40)
+    teacher = replace(student, hidden_size=320, num_layers=3, num_heads=8, head_dim=40, attention_bias=True,
+                      tie_embeddings=False)
+    tokens, micro_batches = 2 * 48, 3
+    alone = collective_bytes(student, 2, 2, "full", 2, 48, micro_batches)
+    distilling = collective_bytes(student, 2, 2, "full", 2, 48, micro_batches, teacher=teacher)
+    sharded = collective_bytes(student, 2, 2, "full", 2, 48, micro_batches, teacher=teacher, teacher_fsdp=True)
+    teacher_activation = 2 * tokens * 320  # bf16
+    # Its forward under sequence parallelism: two gathers and two reduce-scatters per block, its final
+    # hidden states gathered for the loss, its bf16 embedding's partial sums reduce-scattered.
+    extra_tp = micro_batches * (2 * 3 + 1) * teacher_activation
+    assert distilling[("all_gather", "tp")] - alone[("all_gather", "tp")] == extra_tp
+    assert distilling[("reduce_scatter", "tp")] - alone[("reduce_scatter", "tp")] == extra_tp
+    # The distillation loss reduces 2 maxima and 5 sums per token (fp32) where cross-entropy reduces 1 and 2;
+    # the step averages 3 terms (loss, CE, KL) over the world where pretraining averages 1.
+    assert distilling[("all_reduce", "tp")] - alone[("all_reduce", "tp")] == micro_batches * 4 * 4 * tokens
+    assert distilling[("all_reduce", "world")] - alone[("all_reduce", "world")] == 2 * 4
+    assert distilling[("all_gather", "dp")] == alone[("all_gather", "dp")]
+    # With its blocks sharded over dp: each gathered once per micro-batch, in bf16 (no backward).
+    teacher_block = _padded(_local_tensor_shapes(teacher, 2)[0], 2)
+    assert sharded[("all_gather", "dp")] - alone[("all_gather", "dp")] == micro_batches * 3 * 2 * teacher_block

@@ -28,7 +28,10 @@ def _kept_per_layer(ac: str, sp: bool) -> dict:
 
     from argonne_dt.distributed import build_layout
     from argonne_dt.parallelize import build_model
-    from argonne_dt.plan import StepRecorder, _local, group_dims
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from argonne_dt.metrics import local_tensor
+    from argonne_dt.plan import StepRecorder, group_dims
 
     tp = dist.get_world_size() if dist.is_initialized() else 1
     layout = build_layout(ParallelConfig(tp=tp, dp=1, sequence_parallel=sp, activation_checkpoint=ac), "cpu") \
@@ -48,11 +51,11 @@ def _kept_per_layer(ac: str, sp: bool) -> dict:
         saved = {}
 
         def pack(tensor):
-            storage = _local(tensor).untyped_storage()
+            storage = local_tensor(tensor).untyped_storage()
+            key = StorageWeakRef(storage).cdata  # saved tensors live on: their addresses stay unique
             # Weights and autocast's copies of them are not activations.
-            if storage._cdata not in recorder.parameter_keys and \
-                    recorder.live.get(storage._cdata, (0, ""))[1] != "weight_copy":
-                saved[storage._cdata] = storage.nbytes()
+            if key not in recorder.existing and not recorder.is_followed(tensor, "weight_copy"):
+                saved[key] = storage.nbytes()
             return tensor
 
         with torch.autocast("cpu", dtype=torch.bfloat16), recorder, \
@@ -134,12 +137,50 @@ def test_the_measured_loss_transient_agrees_with_the_loss_modules_count(tokens):
     import math
 
     from argonne_dt.config import load_config
-    from argonne_dt.loss import fused_loss_bytes, transposed_weight_copy
+    from argonne_dt.loss import fused_loss_bytes
     from argonne_dt.plan import measured_activations
 
     m = load_config("4b9.toml").model
     measured = measured_activations(m, 1, False, "full", 1, tokens)
-    cpu = torch.device("cpu")
     counted = fused_loss_bytes(tokens, measured.loss_chunk, m.vocab_size, m.hidden_size, torch.bfloat16,
-                               transposed_copy=transposed_weight_copy(cpu, torch.bfloat16))
+                               transposed_copy=False)  # planned as a GPU runs it
     assert measured.loss_chunk and math.isclose(measured.loss_peak, counted, rel_tol=0.02)
+
+
+def test_measured_figures_do_not_depend_on_what_the_process_measured_before():
+    """Storages are followed by weak references to themselves: an address reused after a free is a
+    new storage, and a free is never lost, whatever was measured before in the process."""
+    from dataclasses import astuple
+
+    from argonne_dt.config import load_config
+    from argonne_dt.plan import _measure
+
+    m = load_config("4b9.toml").model
+    measure = _measure.__wrapped__  # past the cache: each call measures
+    first = measure(astuple(m), 8, True, "full", 4, 4096, "cuda")
+    for ac in ("none", "selective"):
+        measure(astuple(m), 8, True, ac, 4, 4096, "cuda")
+    assert measure(astuple(m), 8, True, "full", 4, 4096, "cuda") == first
+
+
+def test_the_planned_loss_is_the_gpus_whatever_this_cpu_does_in_bf16():
+    """On a CPU without native bf16 the fused loss keeps a transposed weight copy that no GPU makes;
+    the planner measures the loss as the GPU runs it."""
+    from unittest import mock
+
+    from argonne_dt import loss
+    from argonne_dt.plan import _measure_loss
+
+    m = replace(MODEL, vocab_size=151_665)
+    measure = _measure_loss.__wrapped__
+    here = measure(astuple_of(m), 1, False, 2048)
+    with mock.patch.object(loss, "native_bf16", lambda device: False):
+        assert measure(astuple_of(m), 1, False, 2048) == here
+    with mock.patch.object(loss, "native_bf16", lambda device: True):
+        assert measure(astuple_of(m), 1, False, 2048) == here
+
+
+def astuple_of(model):
+    from dataclasses import astuple
+
+    return astuple(model)
