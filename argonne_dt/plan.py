@@ -32,7 +32,6 @@ from dataclasses import astuple, dataclass, replace
 import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides, load_config
