@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-GPU check (needs a GPU machine; never in CI): the CUDA paths the CPU tests cannot reach, and
 # what argonne_dt/plan.py predicts for this GPU (peak memory per checkpoint mode, step time against the
-# assumed matmul efficiency, collective bandwidth with more than one GPU). About 5 minutes on one H200.
+# assumed matmul efficiency, collective bandwidth with more than one GPU) and the attention kernels
+# (benchmarks/gpu_attention_check.py). About 5 to 7 minutes on one H200.
 # Runs in the repository root with the machine's own python3 and torch; nothing else is installed.
 # Every check prints one JSON line as it finishes; they are kept in $OUT/gpu_check.jsonl as they come.
 set -uo pipefail
@@ -14,4 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # collective, included); this timeout bounds the whole run, and the lines printed so far stay in $out.
 timeout 330 python3 benchmarks/gpu_check.py --layers "${LAYERS:-4}" --micro-batch "${MICRO_BATCH:-1}" "$@" \
   | tee "$out"
+# Which SDPA kernel runs at head_dim 170 and padded to 176 (training, evaluation, generation), timed.
+timeout 120 python3 benchmarks/gpu_attention_check.py | tee -a "$out"
 echo "results: $out"
