@@ -367,8 +367,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(config: Config, world_size: int | None = None) -> None:
-    """Check consistency; the checks that need the world size run only when it is given."""
+def validate(config: Config, dp: int | None = None) -> None:
+    """Check consistency; the checks that need the data-parallel size run only when it is given
+    (the layout computes it, ``distributed.build_layout``)."""
     m, p = config.model, config.parallel
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
@@ -445,9 +446,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    if world_size is not None:
-        dp = data_parallel_size(p, world_size)
-        grad_accum_steps(t, dp)
+    if dp is not None:
         _require(
             not t.eval_every or t.eval_batches > 0 or dp == 1,
             f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp}: dp ranks would run different "
@@ -466,38 +465,6 @@ def check_tp_divides(m: ModelConfig, tp: int) -> None:
         m.ffn_dim % tp == 0,
         f"parallel.tp={tp} must divide the MLP width {m.ffn_dim} (model.intermediate_size)",
     )
-
-
-def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
-    """The data-parallel degree on ``world_size`` ranks (dp = -1 means world_size / tp); checks dp * tp = world."""
-    _require(world_size % p.tp == 0 or p.dp != -1, f"world size {world_size} is not divisible by parallel.tp={p.tp}")
-    dp = world_size // p.tp if p.dp == -1 else p.dp
-    _require(dp * p.tp == world_size, f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}")
-    return dp
-
-
-def grad_accum_steps(t: TrainConfig, dp: int) -> int:
-    """Micro-batches per optimizer step on ``dp`` ranks: ``train.grad_accum_steps``, or derived from
-    ``train.global_batch_size`` = micro_batch_size x grad_accum_steps x dp, which must come out whole."""
-    if not t.global_batch_size:
-        return t.grad_accum_steps
-    per_micro_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_micro_step:
-        lower = t.global_batch_size // per_micro_step * per_micro_step
-        nearest = [value for value in (lower, lower + per_micro_step) if value > 0]
-        sizes = [m for m in range(1, t.global_batch_size + 1) if t.global_batch_size % (m * dp) == 0]
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} cannot be formed on {dp} dp rank(s) from "
-            f"train.micro_batch_size={t.micro_batch_size}: it must be a multiple of micro_batch_size x dp = "
-            f"{per_micro_step}; nearest valid global_batch_size: {' or '.join(map(str, nearest))}"
-            + (f"; or train.micro_batch_size in {sizes[:8]}" if sizes else "; or run on a dp size that divides it")
-        )
-    accum = t.global_batch_size // per_micro_step
-    _require(t.grad_accum_steps in (1, accum),
-             f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.global_batch_size={t.global_batch_size} "
-             f"(which gives {accum} on {dp} dp rank(s) of micro_batch_size {t.micro_batch_size}): leave "
-             "grad_accum_steps at 1 when global_batch_size is set")
-    return accum
 
 
 def describe_fields() -> str:

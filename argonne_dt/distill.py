@@ -150,12 +150,11 @@ def fill_from_safetensors(model: ArgonneModel, files: list[Path]) -> None:
 
 
 def teacher_layout(layout: ParallelLayout | None, shard_over_dp: bool) -> ParallelLayout | None:
-    """The student's tensor-parallel mesh (and its dp dimension when FSDP2 shards the teacher);
-    no activation checkpointing or compile: the teacher never runs backward."""
+    """The student's tensor-parallel mesh (and its dp dimension when FSDP2 shards the teacher); the
+    teacher is built without the student's model transforms: it never runs backward."""
     if layout is None:
         return None
-    parallel = replace(layout.parallel, activation_checkpoint="none", compile=False)
-    return layout_of(layout.mesh if shard_over_dp and layout.dp > 1 else layout.tp_mesh, parallel)
+    return layout_of(layout.mesh if shard_over_dp and layout.dp > 1 else layout.tp_mesh, layout.parallel)
 
 
 def load_teacher(cfg: Config, layout: ParallelLayout | None, device: torch.device) -> ArgonneModel:

@@ -22,15 +22,16 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0, source: str = "",
-             progress: ProgressReporter | None = None) -> dict:
-    """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
+             progress: ProgressReporter | None = None, layout: ParallelLayout | None = None) -> dict:
+    """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them) of a model
+    parallelized over ``layout`` (None: one device).
 
     Under data parallelism every rank runs the same number of batches (``_in_step``), and the mean
     is taken over all ranks' batches.
     """
     total = torch.zeros(2, device=device)  # loss sum, batch count
     for batch in _in_step(batches, max_batches, device):
-        with autocast, loss_context(model):
+        with autocast, loss_context(layout):
             total[0] += full_value(next_token_loss(model, batch, device)["loss"])
         total[1] += 1
         if progress is not None:
@@ -121,7 +122,7 @@ class Evaluator:
 
     def __call__(self, model, progress: ProgressReporter | None = None) -> dict:
         batches = batches_for(self.data_cfg, self.micro_batch_size, self.plan, self.layout)
-        return evaluate(model, batches, self.device, self.autocast, self.max_batches, self.source, progress)
+        return evaluate(model, batches, self.device, self.autocast, self.max_batches, self.source, progress, self.layout)
 
 
 def evaluate_checkpoint(checkpoint: str, data_paths: list[str] | None = None, max_batches: int = 0,

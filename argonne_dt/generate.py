@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import load_model
-from .config import DataConfig, ParallelConfig
-from .distributed import build_layout, dtype_named, full_value, init_distributed, local_device, mixed_precision
+from .config import DataConfig
+from .distributed import decoding_layout, dtype_named, full_value, init_distributed, local_device, mixed_precision
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
@@ -173,8 +173,7 @@ def generate_from_checkpoint(
     layout = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = init_distributed()
-        layout = build_layout(ParallelConfig(tp=int(os.environ["WORLD_SIZE"]), dp=1, sequence_parallel=False,
-                                             loss_parallel=False), device.type)
+        layout = decoding_layout(device.type)
     else:
         device = local_device()
     model, run_cfg = load_model(checkpoint, device, layout)

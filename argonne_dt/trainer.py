@@ -19,16 +19,16 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
-from .config import Config, ConfigError, grad_accum_steps, validate
+from .config import Config, ConfigError, validate
 from .data import batches_for, data_files, shared_plan
-from .distributed import any_rank, build_layout, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype
+from .distributed import any_rank, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype, run_layout
 from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
 from .loss import next_token_loss
 from .metrics import LogWindow, MetricsLogger, peak_flops, peak_memory_gib, progress_text
 from .optim import build_optimizer, build_scheduler
-from .parallelize import build_model
+from .parallelize import ModelTransforms, build_model
 from .step import Objective, StepResult, train_step
 
 
@@ -84,9 +84,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, objective: Objective = next_token_loss):
         self.device = init_distributed(cfg.parallel.timeout_minutes)
-        validate(cfg, world_size=dist.get_world_size())
+        self.layout = layout = run_layout(cfg, self.device.type)
+        validate(cfg, dp=layout.dp)
         self.cfg = cfg = resolve_auto_dtype(cfg, self.device)
-        self.layout = layout = build_layout(cfg.parallel, self.device.type)
         self.is_main = layout.rank == 0
         torch.manual_seed(cfg.train.seed + layout.rank)
         # Plans are made once and shared: every rank agrees on the shares, and a layout that cannot
@@ -96,7 +96,8 @@ class Trainer:
         self.autocast = mixed_precision(dtype, self.device)
         self.evaluator = Evaluator.for_run(cfg, self.device, self.autocast, layout) if cfg.train.eval_every else None
         self.downstream = MultipleChoiceTask.for_run(cfg) if cfg.train.downstream_every else None
-        self.model = build_model(cfg.model, layout, self.device, cfg.train.seed, dtype)
+        self.model = build_model(cfg.model, layout, self.device, cfg.train.seed, dtype,
+                                 transforms=ModelTransforms.of(cfg.parallel))
         self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.objective = objective
@@ -117,8 +118,6 @@ class Trainer:
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
         self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=self.is_main,
                                      resume_step=self.progress.step)
-        self.grad_accum_steps = grad_accum_steps(cfg.train, layout.dp)
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * self.grad_accum_steps * layout.dp
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, dtype) * layout.world_size
         self.losses: dict[int, float] = {}
@@ -143,7 +142,7 @@ class Trainer:
         """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop`` false)."""
         batches, ended = [], False
         try:
-            batches = [next(self.batches) for _ in range(self.grad_accum_steps)]
+            batches = [next(self.batches) for _ in range(self.layout.grad_accum_steps)]
         except StopIteration:
             ended = True
         if not self.cfg.data.loop and any_rank([ended], self.device)[0]:
@@ -154,7 +153,7 @@ class Trainer:
         """One optimizer step and the counters, schedule and checkpoint publishing that follow it."""
         cfg, progress = self.cfg, self.progress
         result = train_step(self.model, self.optimizer, micro_batches, self.device, self.autocast,
-                            cfg.optim.grad_clip, self.objective)
+                            cfg.optim.grad_clip, self.layout, self.objective)
         if result.applied:
             progress.consecutive_nonfinite = 0
         else:
@@ -166,7 +165,7 @@ class Trainer:
         self.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         progress.step += 1
-        progress.tokens_seen += self.tokens_per_step
+        progress.tokens_seen += self.layout.tokens_per_step
         self.losses[progress.step] = result.loss
         self.checkpointer.poll(self.device)
         if progress.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
@@ -184,7 +183,7 @@ class Trainer:
         if step % self.cfg.metrics.log_every == 0 or step == total:
             # Means over the steps since the previous line (Megatron's convention): a smooth curve.
             seconds_per_step = self.window.seconds_per_step()
-            tokens_per_s = self.tokens_per_step / seconds_per_step
+            tokens_per_s = self.layout.tokens_per_step / seconds_per_step
             self.metrics.log(step, {
                 **self.window.means(), "lr": self.lr, "tokens_seen": self.progress.tokens_seen,
                 "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / self.layout.world_size,
@@ -207,8 +206,8 @@ class Trainer:
         every = self.cfg.train.downstream_every
         if not every or self.progress.step % every:
             return
-        tokens_per_batch = self.cfg.train.micro_batch_size * self.cfg.data.seq_len  # what a training micro-batch holds
-        scores = self.downstream.score(self.model, self.device, self.autocast, self.layout, tokens_per_batch)
+        scores = self.downstream.score(self.model, self.device, self.autocast, self.layout,
+                                       self.layout.tokens_per_micro_batch)  # what a training micro-batch holds
         result = {f"downstream_{k}": v for k, v in scores.metrics().items()}
         self.metrics.log(self.progress.step, {**result, "tokens_seen": self.progress.tokens_seen}, section="downstream")
         record.update(result)

@@ -105,7 +105,7 @@ def _optimizer_round_trip(job_dir: str, mesh_shape: tuple[int, int]) -> dict:
     for rows in tokens:
         local = rows.chunk(layout.dp)[layout.dp_rank]
         train_step(model, optimizer, [{"input": local[:, :-1], "target": local[:, 1:]}], torch.device("cpu"),
-                   contextlib.nullcontext(), 1.0)
+                   contextlib.nullcontext(), 1.0, layout)
     saved = Checkpointer(job_dir, 0, False, ModelOptimizerState(model, optimizer), {}).save(3, cfg.to_dict())
     fresh = build_model(cfg.model, layout, "cpu")
     fresh_optimizer = build_optimizer(fresh, cfg.optim, "cpu")
