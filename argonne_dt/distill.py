@@ -181,12 +181,15 @@ def load_teacher(cfg: Config, layout: ParallelLayout | None, device: torch.devic
     return teacher.requires_grad_(False).eval()
 
 
+def distillation(cfg: Config, layout: ParallelLayout, device: torch.device) -> tuple[DistillationObjective, float]:
+    """The objective factory of a distillation run (``Trainer``): the teacher loaded on the student's
+    layout, and the FLOPs per token of its forward (a third of a forward and backward)."""
+    teacher = load_teacher(cfg, layout, device)
+    return DistillationObjective(teacher, cfg.distill, device), teacher.flops_per_token(cfg.data.seq_len) / 3
+
+
 def distill(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the distillation job of ``cfg``: the pretraining run with the distillation objective."""
     if not cfg.distill.teacher:
         raise ConfigError("distill.teacher is empty: name a Hugging Face Llama / Qwen2 directory or an argonne_dt run")
-    trainer = Trainer(cfg)
-    teacher = load_teacher(cfg, trainer.layout, trainer.device)
-    trainer.objective = DistillationObjective(teacher, cfg.distill, trainer.device)
-    trainer.flops_per_token += teacher.flops_per_token(cfg.data.seq_len) / 3  # its forward: a third of fwd + bwd
-    return trainer.run(on_step)
+    return Trainer(cfg, partial(distillation, cfg)).run(on_step)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, DataConfig
-from .checkpoint import load_model
+from .inference import load_model
 from .data import DataError, batches_for, data_files, held_out_split, shared_files, shared_plan
 from .distributed import ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision
 from .loss import loss_context, next_token_loss

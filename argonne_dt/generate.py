@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_model
+from .inference import load_model
 from .config import DataConfig
 from .distributed import decoding_layout, dtype_named, full_value, init_distributed, local_device, mixed_precision
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer

@@ -3,7 +3,7 @@
     trainer = Trainer(cfg)          # layout, plans, model, optimizer, data, checkpointer, metrics; resumes
     trainer.run()                   # steps until train.steps, a stop signal, or the end of the data
 
-A second objective (e.g. distillation) is a different ``objective`` for the same loop.
+A second objective (e.g. distillation) is a different objective factory for the same loop.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
+from .checkpoint import Checkpointer, ModelOptimizerState, RngState
 from .config import Config, ConfigError, validate
 from .data import batches_for, data_files, shared_plan
-from .distributed import any_rank, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype, run_layout
+from .distributed import ParallelLayout, any_rank, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype, run_layout
 from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
@@ -30,6 +28,16 @@ from .metrics import LogWindow, MetricsLogger, peak_flops, peak_memory_gib, prog
 from .optim import build_optimizer, build_scheduler
 from .parallelize import ModelTransforms, build_model
 from .step import Objective, StepResult, train_step
+
+
+# Makes a run's objective once its layout and device are known: (objective, FLOPs per token it adds
+# to the model's forward and backward, for MFU).
+ObjectiveFactory = Callable[[ParallelLayout, torch.device], tuple[Objective, float]]
+
+
+def pretraining(layout: ParallelLayout, device: torch.device) -> tuple[Objective, float]:
+    """The pretraining objective: next-token cross-entropy, nothing beside the model."""
+    return next_token_loss, 0.0
 
 
 class TrainingError(RuntimeError):
@@ -82,7 +90,7 @@ class StopSignals:
 class Trainer:
     """Everything a run is made of, built once and resumed from the run's newest checkpoint."""
 
-    def __init__(self, cfg: Config, objective: Objective = next_token_loss):
+    def __init__(self, cfg: Config, objective_factory: ObjectiveFactory = pretraining):
         self.device = init_distributed(cfg.parallel.timeout_minutes)
         self.layout = layout = run_layout(cfg, self.device.type)
         validate(cfg, dp=layout.dp)
@@ -100,43 +108,23 @@ class Trainer:
                                  transforms=ModelTransforms.of(cfg.parallel))
         self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.objective = objective
         self.data = batches_for(cfg.data, cfg.train.micro_batch_size, plan, layout)
         self.progress = Progress()
         self.window = LogWindow()
-        # Asynchronous saves run their collectives in a background thread, beside training's: they
-        # need a process group of their own (gloo: the data being written is on the CPU by then).
-        checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
-        self.checkpointer = Checkpointer(
-            Path(cfg.job.dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-            ModelOptimizerState(self.model, self.optimizer),
+        self.checkpointer = Checkpointer.for_run(
+            cfg, ModelOptimizerState(self.model, self.optimizer),
             {"progress": self.progress, "data": self.data, "log_window": self.window,
-             "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)},
-            checkpoint_group, cfg.checkpoint.write_threads)
-        self._resume()
+             "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)})
+        self.checkpointer.load()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, start_step=self.progress.step)
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
         self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=self.is_main,
                                      resume_step=self.progress.step)
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.objective, objective_flops = objective_factory(layout, self.device)
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len) + objective_flops
         self.peak_flops = peak_flops(self.device, dtype) * layout.world_size
         self.losses: dict[int, float] = {}
         self.started = time.perf_counter()
-        self.last_saved: Path | None = None
-        self.saved_step = -1
-
-    def _resume(self) -> None:
-        """From the run's newest checkpoint, else the weights of ``checkpoint.initial_load_path``, else nothing."""
-        latest = self.checkpointer.latest()
-        if latest is not None:
-            changes = config_changes(latest, self.cfg)
-            if changes and self.is_main:
-                print(f"resuming {latest} with changed settings: " + "; ".join(changes), flush=True)
-            self.checkpointer.restore(latest)
-        elif self.cfg.checkpoint.initial_load_path:
-            initial = resolve_checkpoint(self.cfg.checkpoint.initial_load_path)
-            config_changes(initial, self.cfg)  # refuses model settings the weights were not trained with
-            load_checkpoint(initial, ModelOptimizerState(self.model, None), self.checkpointer.process_group)
 
     def next_micro_batches(self) -> list[dict] | None:
         """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop`` false)."""
@@ -230,18 +218,6 @@ class Trainer:
         for prompt, text in zip(prompts, texts):
             self.metrics.text(self.progress.step, "sample", prompt + text)
 
-    def save_if_due(self, stop: bool) -> None:
-        """Save on a stop, every ``checkpoint.every`` steps (not amid non-finite steps) and at the last step."""
-        step, every = self.progress.step, self.cfg.checkpoint.every
-        periodic = every and step % every == 0 and self.progress.consecutive_nonfinite == 0
-        if stop or periodic or step == self.cfg.train.steps:
-            self.save()
-
-    def save(self) -> None:
-        if self.saved_step != self.progress.step:
-            self.last_saved = self.checkpointer.save(self.progress.step, self.cfg.to_dict())
-            self.saved_step = self.progress.step
-
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> dict:
         """Train until ``train.steps``, a stop signal or the end of the data; returns status, final
         step, per-step losses and the last checkpoint. ``on_step(step, record)`` runs on every rank."""
@@ -260,25 +236,26 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.progress.step, record)
                 stop = any_rank([signals.requested], self.device)[0]  # one decision for all ranks
-                self.save_if_due(stop)
+                self.checkpointer.maybe_save(self.progress.step, last=self.progress.step == self.cfg.train.steps,
+                                             force=stop, healthy=self.progress.consecutive_nonfinite == 0)
                 if stop:
                     status = "preempted"
                     break
-            self.save()
+            self.checkpointer.maybe_save(self.progress.step, force=True)
             self.checkpointer.close()  # the last save written, the staging buffers freed
         finally:
             signals.restore()
             self.metrics.close()
         if self.is_main:
-            print(f"{status} at step {self.progress.step}; checkpoint {self.last_saved}", flush=True)
+            print(f"{status} at step {self.progress.step}; checkpoint {self.checkpointer.last_saved}", flush=True)
         return {"status": status, "step": self.progress.step, "losses": self.losses,
-                "checkpoint": str(self.last_saved), "skipped_steps": self.progress.skipped_steps}
+                "checkpoint": str(self.checkpointer.last_saved), "skipped_steps": self.progress.skipped_steps}
 
 
-def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None, objective: Objective = next_token_loss) -> dict:
+def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the job described by ``cfg``; see ``Trainer.run``. A config with a teacher is a
     distillation job (``distill.distill``), not started as pretraining by mistake."""
     if cfg.distill.teacher:
         raise ConfigError(f"distill.teacher={cfg.distill.teacher!r} makes this a distillation job: run "
                           "launch/distill.py with it")
-    return Trainer(cfg, objective).run(on_step)
+    return Trainer(cfg).run(on_step)

@@ -137,7 +137,7 @@ def _global_cross_entropy(model, batches: list[dict]) -> float:
 
 
 def test_dp2_logged_step_and_held_out_losses_are_one_devices_over_the_global_batch(runs, corpus):
-    from argonne_dt.checkpoint import load_model
+    from argonne_dt.inference import load_model
 
     tmp, per_rank = runs
     rank0, rank1 = (r["full"] for r in per_rank)
