@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import ModelOptimizerState, load_checkpoint, resolve_checkpoint, stored_config
-from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig
+from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig, check_job
 from .distributed import ParallelLayout, dtype_named, layout_of
 from .hf import from_hf_name, model_config_from_hf, to_hf_name
 from .loss import distillation_loss
@@ -159,9 +159,8 @@ def teacher_layout(layout: ParallelLayout | None, shard_over_dp: bool) -> Parall
 
 def load_teacher(cfg: Config, layout: ParallelLayout | None, device: torch.device) -> ArgonneModel:
     """The teacher of ``cfg.distill``, in eval mode without gradients, on the student's tp mesh."""
+    check_job(cfg, distilling=True)
     spec = cfg.distill
-    if not spec.teacher:
-        raise ConfigError("distill.teacher is empty: name a Hugging Face Llama / Qwen2 directory or an argonne_dt run")
     path = Path(spec.teacher)
     dtype = dtype_named(spec.teacher_dtype, device)
     where = teacher_layout(layout, spec.teacher_fsdp)
@@ -190,6 +189,5 @@ def distillation(cfg: Config, layout: ParallelLayout, device: torch.device) -> t
 
 def distill(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the distillation job of ``cfg``: the pretraining run with the distillation objective."""
-    if not cfg.distill.teacher:
-        raise ConfigError("distill.teacher is empty: name a Hugging Face Llama / Qwen2 directory or an argonne_dt run")
+    check_job(cfg, distilling=True)  # before the run is built
     return Trainer(cfg, partial(distillation, cfg)).run(on_step)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState
-from .config import Config, ConfigError, validate
+from .config import Config, check_job, validate
 from .data import batches_for, data_files, shared_plan
 from .distributed import ParallelLayout, any_rank, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype, run_layout
 from .downstream import MultipleChoiceTask
@@ -255,7 +255,5 @@ class Trainer:
 def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the job described by ``cfg``; see ``Trainer.run``. A config with a teacher is a
     distillation job (``distill.distill``), not started as pretraining by mistake."""
-    if cfg.distill.teacher:
-        raise ConfigError(f"distill.teacher={cfg.distill.teacher!r} makes this a distillation job: run "
-                          "launch/distill.py with it")
+    check_job(cfg, distilling=False)
     return Trainer(cfg).run(on_step)

@@ -131,3 +131,36 @@ def test_a_global_batch_derives_accumulation_and_refuses_what_the_layout_cannot_
         grad_accum_steps(cfg.train, 2)
     cfg.train.grad_accum_steps, cfg.train.global_batch_size = 3, 0  # unset: accumulation as configured
     assert grad_accum_steps(cfg.train, 3) == 3
+
+
+def test_every_section_checks_itself_and_validate_names_the_key():
+    import dataclasses
+
+    from argonne_dt.config import Config
+
+    cfg = Config()
+    assert all(callable(getattr(getattr(cfg, f.name), "check", None)) for f in dataclasses.fields(cfg))
+    cfg.metrics.log_every = 0
+    with pytest.raises(ConfigError, match=r"metrics.log_every must be >= 1, got 0"):
+        cfg.metrics.check()
+
+
+def test_sampling_settings_that_cannot_sample_are_refused():
+    from argonne_dt.generate import SamplingConfig
+
+    for bad, key in ((dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"),
+                     (dict(repetition_penalty=0.0), "repetition_penalty")):
+        with pytest.raises(ConfigError, match=f"sampling {key} must be"):
+            SamplingConfig(**bad)
+
+
+def test_a_job_and_its_teacher_agree():
+    from argonne_dt.config import check_job
+
+    cfg = load_config("tiny.toml")
+    with pytest.raises(ConfigError, match="distill.teacher is empty"):
+        check_job(cfg, distilling=True)
+    cfg.distill.teacher = "some/teacher"
+    with pytest.raises(ConfigError, match="makes this a distillation job"):
+        check_job(cfg, distilling=False)
