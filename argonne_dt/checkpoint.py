@@ -14,7 +14,6 @@ resharding, so a checkpoint saved at one TP / dp layout loads into another.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 import re
 import shutil
@@ -39,8 +38,9 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .config import Config, config_from_dict
+from .metrics import logger
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 # Before torch 2.13 a DefaultStager frees its host buffers after every stage: there it serves one save.
 REUSABLE_STAGER = TorchVersion(torch.__version__) >= "2.13"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -128,14 +128,13 @@ class RngState:
 
     def load_state_dict(self, entries: dict[str, Any]) -> None:
         saved = {int(key.removeprefix("rank_")) for key in entries}
-        if self.rank == 0:
-            dropped = sorted(rank for rank in saved if rank >= self.world_size)
-            new = [rank for rank in range(self.world_size) if rank not in saved]
-            if dropped:
-                print(f"RNG states of ranks {dropped} dropped: the checkpoint was written by {len(saved)} ranks, "
-                      f"this run has {self.world_size}", flush=True)
-            if new:
-                print(f"ranks {new} have no saved RNG state: seeded from train.seed, the rank and the step", flush=True)
+        dropped = sorted(rank for rank in saved if rank >= self.world_size)
+        new = [rank for rank in range(self.world_size) if rank not in saved]
+        if dropped:
+            log.info(f"RNG states of ranks {dropped} dropped: the checkpoint was written by {len(saved)} ranks, "
+                     f"this run has {self.world_size}")
+        if new:
+            log.info(f"ranks {new} have no saved RNG state: seeded from train.seed, the rank and the step")
         state = entries.get(f"rank_{self.rank}")
         if state is None:
             torch.manual_seed(self.seed + 1_000_003 * self.step() + self.rank)
@@ -214,8 +213,8 @@ class Checkpointer:
         latest = self.latest()
         if latest is not None:
             changes = config_changes(latest, self.config)
-            if changes and self.rank == 0:
-                print(f"resuming {latest} with changed settings: " + "; ".join(changes), flush=True)
+            if changes:
+                log.info(f"resuming {latest} with changed settings: " + "; ".join(changes))
             self.restore(latest)
             return latest
         if self.config.checkpoint.initial_load_path:
@@ -348,10 +347,8 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=
     reshards).
     """
     distributed = dist.is_initialized()
-    verbose = not distributed or dist.get_rank() == 0
     started = time.perf_counter()
-    if verbose:
-        print(f"loading checkpoint {path} ...", flush=True)
+    log.info(f"loading checkpoint {path} ...")
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     _check_model_shapes(metadata, train_state.model, path)
     wanted: dict[str, Any] = {"train": train_state}
@@ -363,8 +360,7 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=
             dcp.load(wanted, checkpoint_id=str(path), process_group=process_group, no_dist=not distributed)
     except dcp.CheckpointException as err:
         raise CheckpointError(f"{path}: cannot load: {err}") from err
-    if verbose:
-        print(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s", flush=True)
+    log.info(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s")
     return {k[len(_EXTRA):]: pickle.loads(v) for k, v in wanted.items() if k.startswith(_EXTRA)}
 
 

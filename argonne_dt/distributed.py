@@ -21,8 +21,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from .config import Config, ConfigError, ParallelConfig, TrainConfig
+from .metrics import logger
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+log = logger(__name__)
 
 
 # Rank 0 alone reads every parquet footer and makes the first batch while its peers wait in a
@@ -265,8 +267,7 @@ def resolve_auto_dtype(cfg: Config, device: torch.device) -> Config:
     decision = ["bf16" if compute_dtype(cfg, device) == torch.bfloat16 else "fp32"]
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"train.dtype=auto: {decision[0]} on this {device.type}", flush=True)
+    log.info(f"train.dtype=auto: {decision[0]} on this {device.type}")
     return replace(cfg, train=replace(cfg.train, dtype=decision[0]))
 
 

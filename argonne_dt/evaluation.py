@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import replace
 from itertools import islice
@@ -15,9 +14,9 @@ from .inference import load_model
 from .data import DataError, batches_for, data_files, held_out_split, shared_files, shared_plan
 from .distributed import ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision
 from .loss import loss_context, next_token_loss
-from .metrics import ProgressReporter
+from .metrics import ONCE, ProgressReporter, logger
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 @torch.no_grad()
@@ -114,9 +113,9 @@ class Evaluator:
             return cls(cfg.data, cfg.train.micro_batch_size, cfg.train.eval_batches, device, autocast, layout,
                        source="data.paths", held_out=True)
         overlap = shared_files(data_files(cfg.data.paths), data_files(cfg.data.eval_paths, held_out=True))
-        if overlap and (layout is None or layout.rank == 0):
+        if overlap:
             log.warning("data.eval_paths: %d held-out file(s) are training files too (data.paths): %s; the held-out "
-                        "loss on them is not a held-out loss", len(overlap), ", ".join(overlap))
+                        "loss on them is not a held-out loss", len(overlap), ", ".join(overlap), extra=ONCE)
         return cls(replace(cfg.data, paths=cfg.data.eval_paths), cfg.train.micro_batch_size, cfg.train.eval_batches,
                    device, autocast, layout, source=f"data.eval_paths={cfg.data.eval_paths}")
 

@@ -24,7 +24,7 @@ from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
 from .loss import next_token_loss
-from .metrics import LogWindow, MetricsLogger, peak_flops, peak_memory_gib, progress_text
+from .metrics import EVERY_RANK, LogWindow, MetricsLogger, is_rank_zero, logger, peak_flops, peak_memory_gib, progress_text
 from .optim import build_optimizer, build_scheduler
 from .parallelize import ModelTransforms, build_model
 from .step import Objective, StepResult, train_step
@@ -38,6 +38,9 @@ ObjectiveFactory = Callable[[ParallelLayout, torch.device], tuple[Objective, flo
 def pretraining(layout: ParallelLayout, device: torch.device) -> tuple[Objective, float]:
     """The pretraining objective: next-token cross-entropy, nothing beside the model."""
     return next_token_loss, 0.0
+
+
+log = logger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -79,7 +82,7 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.requested = True
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step", flush=True)
+        log.info(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step", extra=EVERY_RANK)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -95,7 +98,6 @@ class Trainer:
         self.layout = layout = run_layout(cfg, self.device.type)
         validate(cfg, dp=layout.dp)
         self.cfg = cfg = resolve_auto_dtype(cfg, self.device)
-        self.is_main = layout.rank == 0
         torch.manual_seed(cfg.train.seed + layout.rank)
         # Plans are made once and shared: every rank agrees on the shares, and a layout that cannot
         # work (a rank without rows, held-out data included) stops the run here, not hours in.
@@ -118,7 +120,7 @@ class Trainer:
         self.checkpointer.load()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, start_step=self.progress.step)
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
-        self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=self.is_main,
+        self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=is_rank_zero(),
                                      resume_step=self.progress.step)
         self.objective, objective_flops = objective_factory(layout, self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len) + objective_flops
@@ -147,9 +149,8 @@ class Trainer:
         else:
             progress.skipped_steps += 1
             progress.consecutive_nonfinite += 1
-            if self.is_main:
-                print(f"step {progress.step + 1}: non-finite loss {result.losses} / grad norm "
-                      f"{result.grad_norm}: update skipped", flush=True)
+            log.info(f"step {progress.step + 1}: non-finite loss {result.losses} / grad norm "
+                     f"{result.grad_norm}: update skipped")
         self.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         progress.step += 1
@@ -246,8 +247,7 @@ class Trainer:
         finally:
             signals.restore()
             self.metrics.close()
-        if self.is_main:
-            print(f"{status} at step {self.progress.step}; checkpoint {self.checkpointer.last_saved}", flush=True)
+        log.info(f"{status} at step {self.progress.step}; checkpoint {self.checkpointer.last_saved}")
         return {"status": status, "step": self.progress.step, "losses": self.losses,
                 "checkpoint": str(self.checkpointer.last_saved), "skipped_steps": self.progress.skipped_steps}
 
