@@ -28,7 +28,7 @@ from .checkpoint import ModelOptimizerState, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig, check_job
 from .distributed import ParallelLayout, dtype_named, layout_of
 from .hf import from_hf_name, model_config_from_hf, to_hf_name
-from .loss import distillation_loss
+from .loss import batch_on, distillation_loss
 from .model import ArgonneModel
 from .parallelize import build_model, local_view
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
@@ -59,7 +59,7 @@ class DistillationObjective:
             torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     def __call__(self, model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        inputs, targets = batch["input"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+        inputs, targets = batch_on(device, batch, model.config.vocab_size)
         with torch.no_grad(), self.teacher_precision():
             teacher_hidden = self.teacher(inputs, head=_final_hidden)
         return model(inputs, targets=targets, head=partial(self._loss, teacher_hidden=teacher_hidden))

@@ -233,13 +233,41 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag true on every rank if it is true on any rank (one all-reduce): shared decisions."""
+def any_rank(flags: list[bool], device: torch.device, group=None) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank (one all-reduce over ``group``, whose
+    tensors live on ``device``): shared decisions."""
     if not dist.is_initialized():
         return list(flags)
     values = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in values.tolist()]
+
+
+def raise_on_every_rank(failure: Exception | None, error: type[Exception], what: str, device: torch.device,
+                        group=None) -> None:
+    """Raise ``failure`` here, and on the ranks of ``group`` without one an ``error`` carrying the lowest
+    failing rank's message (``what`` names what failed there). Every rank calls it once all agreed
+    that one failed: nobody is left waiting in a collective."""
+    if not dist.is_initialized():
+        raise failure
+    world = dist.get_world_size(group)
+    first = torch.tensor([dist.get_rank(group) if failure is not None else world], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    source = int(first.item())
+    reason = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(reason, group=group, group_src=source)
+    if failure is not None:
+        raise failure
+    raise error(f"{what} of rank {source} failed: {reason[0]}")
+
+
+def host_group():
+    """A group of every rank whose collectives work on host memory (gloo), for decisions all ranks
+    share between steps (stop, end of data): taken there, they make the host wait for no device.
+    The default group when it is gloo already; collective: every rank calls it, in the same order."""
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from .config import Config, DataConfig
 from .inference import load_model
 from .data import DataError, batches_for, data_files, held_out_split, shared_files, shared_plan
-from .distributed import ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision
+from .distributed import (ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision,
+                          raise_on_every_rank)
 from .loss import loss_context, next_token_loss
 from .metrics import ONCE, ProgressReporter, logger
 
@@ -65,25 +66,10 @@ def _in_step(batches, max_batches: int, device: torch.device):
             failure = err
         ended, failed = any_rank([batch is None and failure is None, failure is not None], device)
         if failed:
-            _raise_on_every_rank(failure, device)
+            raise_on_every_rank(failure, DataError, "the held-out data", device)
         if ended:
             return
         yield batch
-
-
-def _raise_on_every_rank(failure: Exception | None, device: torch.device) -> None:
-    """Raise ``failure`` here, and the lowest failing rank's on the ranks without one."""
-    if not dist.is_initialized():
-        raise failure
-    world = dist.get_world_size()
-    first = torch.tensor([dist.get_rank() if failure is not None else world], device=device)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    source = int(first.item())
-    reason = [None if failure is None else f"{type(failure).__name__}: {failure}"]
-    dist.broadcast_object_list(reason, src=source)
-    if failure is not None:
-        raise failure
-    raise DataError(f"the held-out data of rank {source} failed: {reason[0]}")
 
 
 class Evaluator:

@@ -33,7 +33,12 @@ IGNORE_INDEX = -100
 
 def check_targets(targets: torch.Tensor, vocab_size: int) -> None:
     """Refuse target ids outside ``[0, vocab_size)`` other than ``IGNORE_INDEX``: a fused or
-    vocab-parallel loss would otherwise read another token's logit, or none, without a word."""
+    vocab-parallel loss would otherwise read another token's logit, or none, without a word.
+
+    Only host tensors are read: reading a GPU tensor would make the host wait for the device once
+    per micro-batch. Training batches are checked on the host before their copy (``batch_on``)."""
+    if targets.device.type != "cpu":
+        return
     outside = (targets >= vocab_size) | ((targets < 0) & (targets != IGNORE_INDEX))
     if outside.any():
         ids = sorted(set(targets[outside].tolist()))
@@ -246,8 +251,15 @@ def next_token_loss(model, batch: dict, device: torch.device) -> dict[str, torch
     An objective maps (model, micro-batch) to named scalars; ``loss`` is the one minimized, and
     every other entry is averaged and logged like it. Call it inside ``loss_context(layout)``.
     """
-    return {"loss": model(batch["input"].to(device, non_blocking=True),
-                          targets=batch["target"].to(device, non_blocking=True))}
+    inputs, targets = batch_on(device, batch, model.config.vocab_size)
+    return {"loss": model(inputs, targets=targets)}
+
+
+def batch_on(device: torch.device, batch: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a host micro-batch on ``device``: the targets checked on the host, then
+    both copied without blocking (the collated batch is page-locked where a GPU is)."""
+    check_targets(batch["target"], vocab_size)
+    return batch["input"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
 
 
 def _distillation_chunks(teacher_rows, teacher_weight, alpha: float, temperature: float, teacher_precision):

@@ -18,8 +18,9 @@ import torch
 
 from .checkpoint import Checkpointer, ModelOptimizerState, RngState
 from .config import Config, check_job, validate
-from .data import batches_for, data_files, shared_plan
-from .distributed import ParallelLayout, any_rank, compute_dtype, init_distributed, mixed_precision, resolve_auto_dtype, run_layout
+from .data import DataError, batches_for, data_files, shared_plan
+from .distributed import (ParallelLayout, any_rank, compute_dtype, host_group, init_distributed, mixed_precision,
+                          raise_on_every_rank, resolve_auto_dtype, run_layout)
 from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
@@ -28,6 +29,8 @@ from .metrics import EVERY_RANK, LogWindow, MetricsLogger, is_rank_zero, logger,
 from .optim import build_optimizer, build_scheduler
 from .parallelize import ModelTransforms, build_model
 from .step import Objective, StepResult, train_step
+
+HOST = torch.device("cpu")  # where the tensors of the host group's decisions live
 
 
 # Makes a run's objective once its layout and device are known: (objective, FLOPs per token it adds
@@ -113,6 +116,7 @@ class Trainer:
         self.data = batches_for(cfg.data, cfg.train.micro_batch_size, plan, layout)
         self.progress = Progress()
         self.window = LogWindow()
+        self.host_group = host_group()
         self.checkpointer = Checkpointer.for_run(
             cfg, ModelOptimizerState(self.model, self.optimizer),
             {"progress": self.progress, "data": self.data, "log_window": self.window,
@@ -129,15 +133,20 @@ class Trainer:
         self.started = time.perf_counter()
 
     def next_micro_batches(self) -> list[dict] | None:
-        """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop`` false)."""
-        batches, ended = [], False
+        """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop``
+        false). An exception of any rank's data is raised on every rank, with that rank's message.
+        Agreed over the host group: no wait for a device."""
+        batches, ended, failure = [], False, None
         try:
             batches = [next(self.batches) for _ in range(self.layout.grad_accum_steps)]
         except StopIteration:
             ended = True
-        if not self.cfg.data.loop and any_rank([ended], self.device)[0]:
-            return None
-        return batches
+        except Exception as err:
+            failure = err
+        ended, failed = any_rank([ended, failure is not None], HOST, self.host_group)
+        if failed:
+            raise_on_every_rank(failure, DataError, "the training data", HOST, self.host_group)
+        return None if ended else batches
 
     def step(self, micro_batches: list[dict]) -> StepResult:
         """One optimizer step and the counters, schedule and checkpoint publishing that follow it."""
@@ -236,7 +245,7 @@ class Trainer:
                 self.sample_if_due()
                 if on_step is not None:
                     on_step(self.progress.step, record)
-                stop = any_rank([signals.requested], self.device)[0]  # one decision for all ranks
+                stop = any_rank([signals.requested], HOST, self.host_group)[0]  # one decision for all ranks
                 self.checkpointer.maybe_save(self.progress.step, last=self.progress.step == self.cfg.train.steps,
                                              force=stop, healthy=self.progress.consecutive_nonfinite == 0)
                 if stop:

@@ -91,3 +91,40 @@ def test_a_tp_group_receives_tensors_equal_to_the_readers_batches_and_its_errors
     assert reader["error"][0] == "UnicodeError" and "the tokenizer met something it cannot encode" in reader["error"][1]
     assert peer["error"][0] == "DataError"
     assert peer["error"][1].startswith("UnicodeError: ") and reader["error"][1] in peer["error"][1]
+
+
+def _dp_rank_whose_data_fails(job_dir: str, corpus: str) -> tuple[str, str, int]:
+    """dp 2: rank 1's data raises before step 3 (an error that is not a ``DataError``)."""
+    import torch.distributed as dist
+
+    from argonne_dt.trainer import Trainer
+    from test_trainer import make_config
+
+    trainer = Trainer(make_config(job_dir, corpus, **{"checkpoint.every": 0}))
+    if dist.get_rank() == 1:
+        real = trainer.next_micro_batches.__func__
+
+        def unreadable():
+            raise UnicodeError("undecodable bytes")
+            yield
+
+        def failing(self):
+            if self.progress.step == 2:
+                self.batches = unreadable()
+            return real(self)
+
+        trainer.next_micro_batches = failing.__get__(trainer)
+    try:
+        trainer.run()
+    except Exception as err:
+        return type(err).__name__, str(err), trainer.progress.step
+    return "none", "", trainer.progress.step
+
+
+def test_a_data_error_of_one_dp_rank_stops_every_rank_with_its_message(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_parquet(corpus / "part-0.parquet", documents(60, seed=1))
+    first, second = run_distributed(_dp_rank_whose_data_fails, 2, str(tmp_path / "job"), str(corpus))
+    assert second == ("UnicodeError", "undecodable bytes", 2)
+    assert first == ("DataError", "the training data of rank 1 failed: UnicodeError: undecodable bytes", 2)

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.distributed
 NOT_COUNTED = {
     # DTensor's shard offsets, from the device mesh's coordinates: a CPU tensor in every run.
     "compute_local_shape_and_global_offset",
-    # The loss's own check of each micro-batch's targets (on the GPU in a GPU run, so a wait per
-    # micro-batch there: to be made on the host batch before its copy).
+    # Decisions all ranks share between steps (stop, end of data): the trainer takes them over the
+    # host group (gloo, host tensors: no wait for a device; see the test of ``host_group`` below).
+    "any_rank",
+    # The check of each micro-batch's targets: it reads the host batch before its copy, and reads
+    # nothing from a device tensor (``check_targets`` returns at once for those).
     "check_targets",
 }
 
@@ -77,7 +80,7 @@ def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> list[int
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_the_step_loop_waits_for_the_device_twice_per_step_whatever_the_micro_batches(tmp_path, tp):
+def test_the_step_loop_waits_for_the_device_once_per_step_whatever_the_micro_batches(tmp_path, tp):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     write_parquet(corpus / "part-0.parquet", documents(60, seed=1))
@@ -87,5 +90,19 @@ def test_the_step_loop_waits_for_the_device_twice_per_step_whatever_the_micro_ba
                 "metrics.log_every": 2, "optim.fused": True}
     per_rank = run_distributed(_reads_between_steps, tp, str(tmp_path / "job"), str(corpus), settings)
     # Steps 2..5, logged or not, on the reading rank and its tp peer: the step's terms and gradient
-    # norm in one read, and the decision to stop (shared by all ranks); none per micro-batch.
-    assert per_rank == [[2, 2, 2, 2]] * tp
+    # norm in one read (which also decides whether the update is applied); none per micro-batch.
+    assert per_rank == [[1, 1, 1, 1]] * tp
+
+
+def test_shared_decisions_go_through_a_gloo_group_when_the_default_group_is_not_gloo(monkeypatch):
+    import torch.distributed as dist
+
+    from argonne_dt import distributed
+
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.append(kwargs) or "host")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert distributed.host_group() == "host" and made == [{"backend": "gloo"}]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.host_group() is None and len(made) == 1  # the default group serves

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from argonne_dt.loss import (IGNORE_INDEX, cross_entropy_loss, distillation_loss, fused_linear_cross_entropy,
-                             fused_loss_bytes, transposed_weight_copy)
+from argonne_dt.loss import (IGNORE_INDEX, batch_on, check_targets, cross_entropy_loss, distillation_loss,
+                             fused_linear_cross_entropy, fused_loss_bytes, transposed_weight_copy)
 from argonne_dt.metrics import PeakTensorBytes
 
 TOKENS, WIDTH, VOCAB = 96, 64, 500
@@ -160,6 +160,14 @@ def test_a_target_outside_the_vocabulary_is_an_error_that_names_it(path, bad):
     targets[3] = bad
     with pytest.raises(ValueError, match=rf"target ids \[{bad}\] lie outside the vocabulary \[0, {VOCAB}\)"):
         PATHS[path](hidden, weight.requires_grad_(), targets)
+
+
+def test_targets_are_checked_on_the_host_before_their_copy_and_never_read_from_a_device():
+    batch = {"input": torch.zeros(1, 4, dtype=torch.long), "target": torch.tensor([[1, 2, VOCAB, 3]])}
+    with pytest.raises(ValueError, match=rf"target ids \[{VOCAB}\]"):
+        batch_on(torch.device("cpu"), batch, VOCAB)
+    # A device tensor is not read (a meta tensor has no values: reading one raises).
+    check_targets(torch.full((4,), VOCAB, device="meta"), VOCAB)
 
 
 @pytest.mark.parametrize("path", ["fused", "distillation_ce"])
