@@ -14,7 +14,6 @@ resharding, so a checkpoint saved at one TP / dp layout loads into another.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 import re
 import shutil
@@ -39,10 +38,9 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from .config import Config, config_from_dict, with_added_keys
-from .distributed import ParallelLayout
-from .parallelize import build_model
+from .metrics import logger
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 # Before torch 2.13 a DefaultStager frees its host buffers after every stage: there it serves one save.
 REUSABLE_STAGER = TorchVersion(torch.__version__) >= "2.13"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -130,14 +128,13 @@ class RngState:
 
     def load_state_dict(self, entries: dict[str, Any]) -> None:
         saved = {int(key.removeprefix("rank_")) for key in entries}
-        if self.rank == 0:
-            dropped = sorted(rank for rank in saved if rank >= self.world_size)
-            new = [rank for rank in range(self.world_size) if rank not in saved]
-            if dropped:
-                print(f"RNG states of ranks {dropped} dropped: the checkpoint was written by {len(saved)} ranks, "
-                      f"this run has {self.world_size}", flush=True)
-            if new:
-                print(f"ranks {new} have no saved RNG state: seeded from train.seed, the rank and the step", flush=True)
+        dropped = sorted(rank for rank in saved if rank >= self.world_size)
+        new = [rank for rank in range(self.world_size) if rank not in saved]
+        if dropped:
+            log.info(f"RNG states of ranks {dropped} dropped: the checkpoint was written by {len(saved)} ranks, "
+                     f"this run has {self.world_size}")
+        if new:
+            log.info(f"ranks {new} have no saved RNG state: seeded from train.seed, the rank and the step")
         state = entries.get(f"rank_{self.rank}")
         if state is None:
             torch.manual_seed(self.seed + 1_000_003 * self.step() + self.rank)
@@ -160,17 +157,23 @@ def _check_model_shapes(metadata, model: torch.nn.Module, path: Path) -> None:
 
 
 class Checkpointer:
-    """Saves and restores everything that changes during training (rank-aware, DCP-based).
+    """Saves and restores everything that changes during training (rank-aware, DCP-based), and
+    decides what a run starts from (``load``) and when it saves (``maybe_save``).
 
     It is given the run's state once: the model and optimizer (``ModelOptimizerState``, sharded
     by DCP) and named ``states`` (progress, data position, RNG), whose entries are stored as
     opaque pickled leaves ``extra.<name>.<key>``. Entries the same on every rank are written
-    once; per-rank entries carry the rank in their key, so every rank's is kept.
+    once; per-rank entries carry the rank in their key, so every rank's is kept. ``config`` (the
+    run's) gives the resume and save policy and is stored beside every checkpoint (``for_run``).
     """
 
     def __init__(self, root: str | Path, keep_last: int, async_save: bool, model_state: ModelOptimizerState,
-                 states: dict[str, CheckpointState], process_group=None, write_threads: int = 1):
+                 states: dict[str, CheckpointState], process_group=None, write_threads: int = 1,
+                 config: Config | None = None):
         self.root = Path(root)
+        self.config = config
+        self.last_saved: Path | None = None
+        self._saved_step = -1
         self.model_state, self.states = model_state, states
         self.keep_last = keep_last
         self.async_save = async_save
@@ -189,9 +192,49 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
 
+    @classmethod
+    def for_run(cls, cfg: Config, model_state: ModelOptimizerState, states: dict[str, CheckpointState]) -> Checkpointer:
+        """The checkpointer of the run ``cfg`` (under ``job.dir/checkpoints``, with ``checkpoint.*``)."""
+        # Asynchronous saves run their collectives in a background thread, beside training's: they
+        # need a process group of their own (gloo: the data being written is on the CPU by then).
+        group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
+        settings = cfg.checkpoint
+        return cls(Path(cfg.job.dir) / "checkpoints", settings.keep_last, settings.async_save, model_state, states,
+                   group, settings.write_threads, config=cfg)
+
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
+
+    def load(self) -> Path | None:
+        """What the run starts from: its newest complete checkpoint (everything; settings changed since are
+        named, model values the weights depend on refused), else the weights of ``checkpoint.initial_load_path``,
+        else nothing (None)."""
+        latest = self.latest()
+        if latest is not None:
+            changes = config_changes(latest, self.config)
+            if changes:
+                log.info(f"resuming {latest} with changed settings: " + "; ".join(changes))
+            self.restore(latest)
+            return latest
+        if self.config.checkpoint.initial_load_path:
+            initial = resolve_checkpoint(self.config.checkpoint.initial_load_path)
+            config_changes(initial, self.config)  # refuses model settings the weights were not trained with
+            load_checkpoint(initial, ModelOptimizerState(self.model_state.model, None), self.process_group)
+            return initial
+        return None
+
+    def maybe_save(self, step: int, last: bool = False, force: bool = False, healthy: bool = True) -> Path | None:
+        """Save step ``step`` when ``force`` (a stop, the end of a run), at the ``last`` step, or every
+        ``checkpoint.every`` steps while ``healthy`` (not amid non-finite steps); a step saved already is
+        not saved again. Returns the directory saved to, or None."""
+        every = self.config.checkpoint.every
+        periodic = every and step % every == 0 and healthy
+        if not (force or last or periodic) or step == self._saved_step:
+            return None
+        self.last_saved = self.save(step, self.config.to_dict())
+        self._saved_step = step
+        return self.last_saved
 
     def save(self, step: int, config: dict) -> Path:
         """Write step ``step`` (unless a complete checkpoint of it exists); returns its directory.
@@ -304,10 +347,8 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=
     reshards).
     """
     distributed = dist.is_initialized()
-    verbose = not distributed or dist.get_rank() == 0
     started = time.perf_counter()
-    if verbose:
-        print(f"loading checkpoint {path} ...", flush=True)
+    log.info(f"loading checkpoint {path} ...")
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     _check_model_shapes(metadata, train_state.model, path)
     wanted: dict[str, Any] = {"train": train_state}
@@ -319,8 +360,7 @@ def load_checkpoint(path: Path, train_state: ModelOptimizerState, process_group=
             dcp.load(wanted, checkpoint_id=str(path), process_group=process_group, no_dist=not distributed)
     except dcp.CheckpointException as err:
         raise CheckpointError(f"{path}: cannot load: {err}") from err
-    if verbose:
-        print(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s", flush=True)
+    log.info(f"loaded checkpoint {path} in {time.perf_counter() - started:.1f} s")
     return {k[len(_EXTRA):]: pickle.loads(v) for k, v in wanted.items() if k.startswith(_EXTRA)}
 
 
@@ -364,19 +404,6 @@ def stored_config(path: Path) -> Config:
     if not source.exists():
         raise CheckpointError(f"{source} is missing: not a checkpoint written by argonne_dt")
     return config_from_dict(json.loads(source.read_text()))
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", layout: ParallelLayout | None = None):
-    """The trained model of a checkpoint (a run dir or a step dir), plain or parallel under ``layout``.
-
-    Returns (model in eval mode, the checkpoint's config). The model is built on the meta device
-    and allocated once, so host memory holds one copy of the weights.
-    """
-    path = resolve_checkpoint(path)
-    cfg = stored_config(path)
-    model = build_model(cfg.model, layout, device)
-    load_checkpoint(path, ModelOptimizerState(model, None))
-    return model.eval(), cfg
 
 
 def write_model_checkpoint(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, misspelled, of the wrong type or inconsistent."""
 
 
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 def _doc(text: str, **kwargs) -> Any:
     return field(metadata={"doc": text}, **kwargs)
 
@@ -59,6 +64,19 @@ class ModelConfig:
             return self.intermediate_size
         return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
 
+    def check(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
+            require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        require(
+            self.hidden_size == self.num_heads * self.head_dim,
+            f"model.hidden_size={self.hidden_size} must equal model.num_heads * model.head_dim "
+            f"= {self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim}",
+        )
+        require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"model.num_heads={self.num_heads} must be divisible by model.num_kv_heads={self.num_kv_heads}",
+        )
+
 
 @dataclass
 class ParallelConfig:
@@ -81,6 +99,25 @@ class ParallelConfig:
     timeout_minutes: float = _doc("how long a rank waits in a collective before the run fails (the process "
                                   "group's timeout; rank 0 alone plans the data and makes the first batch)",
                                   default=30.0)
+
+    def check(self) -> None:
+        require(self.tp >= 1, f"parallel.tp must be >= 1, got {self.tp}")
+        require(self.dp == -1 or self.dp >= 1, f"parallel.dp must be -1 (auto) or >= 1, got {self.dp}")
+        require(
+            self.activation_checkpoint in ("none", "full", "selective"),
+            f"parallel.activation_checkpoint={self.activation_checkpoint!r} must be none, full or selective",
+        )
+        require(self.ac_every >= 0, f"parallel.ac_every must be >= 0, got {self.ac_every}")
+        require(
+            not (self.compile and self.activation_checkpoint == "selective" and self.ac_every == 0),
+            "parallel.activation_checkpoint=selective with parallel.ac_every=0 cannot be combined with "
+            "parallel.compile=true: the op-level policy does not see the matmuls inside a compiled block, so it "
+            "would recompute everything; use activation_checkpoint=full, selective with ac_every=N (every N-th "
+            "block), or compile=false",
+        )
+        require(self.fsdp_reshard_after_forward in ("auto", "true", "false"),
+                 f"parallel.fsdp_reshard_after_forward={self.fsdp_reshard_after_forward!r} must be auto, true or false")
+        require(self.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {self.timeout_minutes}")
 
 
 @dataclass
@@ -115,6 +152,17 @@ class DataConfig:
                              "of each file), or a whole number N >= 1 of whole files (the last N); 0: none, every "
                              "row trains; fixed for a run (a resume with another value is refused)", default=0.005)
 
+    def check(self) -> None:
+        require(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}")
+        require(self.on_bad_shard in ("skip", "error"),
+                 f"data.on_bad_shard={self.on_bad_shard!r} must be skip or error")
+        require(self.read_retries >= 0, f"data.read_retries must be >= 0, got {self.read_retries}")
+        require(self.retry_backoff_s >= 0, f"data.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        require(self.num_workers >= 1, f"data.num_workers must be >= 1, got {self.num_workers}")
+        require(self.eval_split >= 0 and (self.eval_split < 1 or self.eval_split.is_integer()),
+                 f"data.eval_split={self.eval_split} must be a fraction of the rows (0 <= x < 1) or a whole number "
+                 "of files")
+
 
 @dataclass
 class OptimConfig:
@@ -126,6 +174,11 @@ class OptimConfig:
     eps: float = _doc("AdamW epsilon", default=1e-8)
     grad_clip: float = _doc("global gradient-norm clip; 0 disables", default=1.0)
     fused: bool = _doc("use the fused AdamW kernel where the device supports it", default=True)
+
+    def check(self) -> None:
+        require(len(self.betas) == 2, f"optim.betas must have two values, got {self.betas}")
+        require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be between 0 and optim.lr={self.lr}")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -154,6 +207,18 @@ class TrainConfig:
                                   "and distillation): its fp32 logits exist one chunk at a time; 0: full logits, "
                                   "then cross-entropy (loss_parallel under tp; not for distillation)", default=1024)
 
+    def check(self) -> None:
+        require(self.dtype in ("bf16", "fp32", "auto"), f"train.dtype={self.dtype!r} must be bf16, fp32 or auto")
+        require(self.downstream_every >= 0 and self.downstream_questions >= 0,
+                 "train.downstream_every and train.downstream_questions must be >= 0")
+        require(not self.downstream_every or bool(self.downstream_file),
+                 f"train.downstream_every={self.downstream_every} needs train.downstream_file (a JSONL multiple-choice "
+                 "task)")
+        for key in ("steps", "micro_batch_size", "grad_accum_steps"):
+            require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+        require(self.global_batch_size >= 0,
+                 f"train.global_batch_size must be >= 0 (0: derived), got {self.global_batch_size}")
+
 
 @dataclass
 class CheckpointConfig:
@@ -163,6 +228,9 @@ class CheckpointConfig:
                             "the copy to host memory, pinned on GPUs)", default=False)
     write_threads: int = _doc("threads writing each rank's checkpoint files", default=4)
     initial_load_path: str = _doc("checkpoint to start from when the run has none of its own", default="")
+
+    def check(self) -> None:
+        require(self.write_threads >= 1, f"checkpoint.write_threads must be >= 1, got {self.write_threads}")
 
 
 @dataclass
@@ -174,6 +242,12 @@ class MetricsConfig:
         "prompts for the samples", default_factory=lambda: ["Long long time ago, "]
     )
     sample_tokens: int = _doc("new tokens per sample (greedy)", default=32)
+
+    def check(self) -> None:
+        require(self.log_every >= 1, f"metrics.log_every must be >= 1, got {self.log_every}")
+        require(self.sample_every >= 0, f"metrics.sample_every must be >= 0 (0: no samples), got {self.sample_every}")
+        require(not self.sample_every or self.sample_tokens >= 1,
+                 f"metrics.sample_tokens must be >= 1 with metrics.sample_every set, got {self.sample_tokens}")
 
 
 @dataclass
@@ -187,11 +261,20 @@ class DistillConfig:
     teacher_fsdp: bool = _doc("shard the teacher's blocks over dp with FSDP2 (when it does not fit replicated; "
                               "benchmarks/plan.py --teacher tells)", default=False)
 
+    def check(self) -> None:
+        require(0.0 <= self.alpha <= 1.0, f"distill.alpha={self.alpha} must be between 0 and 1")
+        require(self.temperature > 0, f"distill.temperature={self.temperature} must be positive")
+        require(self.teacher_dtype in ("bf16", "fp32", "auto"),
+                 f"distill.teacher_dtype={self.teacher_dtype!r} must be bf16, fp32 or auto")
+
 
 @dataclass
 class JobConfig:
     name: str = _doc("run name; defaults to the config file's stem", default="")
     dir: str = _doc("where the run writes everything; defaults to runs/<name>", default="")
+
+    def check(self) -> None:
+        """Nothing to check: any name and directory will do."""
 
 
 @dataclass
@@ -390,143 +473,59 @@ def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
     return config
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(config: Config, world_size: int | None = None) -> None:
-    """Check consistency; the checks that need the world size run only when it is given."""
-    m, p = config.model, config.parallel
-    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
-        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    _require(
-        m.hidden_size == m.num_heads * m.head_dim,
-        f"model.hidden_size={m.hidden_size} must equal model.num_heads * model.head_dim "
-        f"= {m.num_heads} * {m.head_dim} = {m.num_heads * m.head_dim}",
-    )
-    _require(
-        m.num_heads % m.num_kv_heads == 0,
-        f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}",
-    )
-    _require(p.tp >= 1, f"parallel.tp must be >= 1, got {p.tp}")
-    _require(p.dp == -1 or p.dp >= 1, f"parallel.dp must be -1 (auto) or >= 1, got {p.dp}")
+def validate(config: Config, dp: int | None = None) -> None:
+    """Each section's own ``check()``, then what crosses sections; the checks that need the
+    data-parallel size run only when it is given (the layout computes it, ``distributed.build_layout``)."""
+    for section in dataclasses.fields(config):
+        getattr(config, section.name).check()
+    m, p, d, t = config.model, config.parallel, config.data, config.train
     check_tp_divides(m, p.tp)
-    _require(
-        p.activation_checkpoint in ("none", "full", "selective"),
-        f"parallel.activation_checkpoint={p.activation_checkpoint!r} must be none, full or selective",
+    require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    require(
+        not (p.sequence_parallel and p.tp > 1) or d.seq_len % p.tp == 0,
+        f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} with "
+        "parallel.sequence_parallel=true (or turn sequence parallelism off)",
     )
-    _require(p.ac_every >= 0, f"parallel.ac_every must be >= 0, got {p.ac_every}")
-    _require(
-        not (p.compile and p.activation_checkpoint == "selective" and p.ac_every == 0),
-        "parallel.activation_checkpoint=selective with parallel.ac_every=0 cannot be combined with "
-        "parallel.compile=true: the op-level policy does not see the matmuls inside a compiled block, so it "
-        "would recompute everything; use activation_checkpoint=full, selective with ac_every=N (every N-th "
-        "block), or compile=false",
-    )
-    _require(p.fsdp_reshard_after_forward in ("auto", "true", "false"),
-             f"parallel.fsdp_reshard_after_forward={p.fsdp_reshard_after_forward!r} must be auto, true or false")
-    _require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
-    d = config.data
-    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
-    _require(
-        d.seq_len <= m.max_seq_len,
-        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
-    )
-    if p.sequence_parallel and p.tp > 1:
-        _require(
-            d.seq_len % p.tp == 0,
-            f"data.seq_len={d.seq_len} must be divisible by parallel.tp={p.tp} with "
-            "parallel.sequence_parallel=true (or turn sequence parallelism off)",
-        )
-    _require(d.on_bad_shard in ("skip", "error"), f"data.on_bad_shard={d.on_bad_shard!r} must be skip or error")
-    _require(d.read_retries >= 0, f"data.read_retries must be >= 0, got {d.read_retries}")
-    _require(d.retry_backoff_s >= 0, f"data.retry_backoff_s must be >= 0, got {d.retry_backoff_s}")
-    _require(d.num_workers >= 1, f"data.num_workers must be >= 1, got {d.num_workers}")
-    _require(d.eval_split >= 0 and (d.eval_split < 1 or d.eval_split.is_integer()),
-             f"data.eval_split={d.eval_split} must be a fraction of the rows (0 <= x < 1) or a whole number of files")
-    _require(
-        config.train.eval_every == 0 or bool(d.eval_paths) or not d.paths or d.eval_split > 0,
-        f"train.eval_every={config.train.eval_every} needs held-out data: data.eval_paths (parquet files), or "
+    require(
+        t.eval_every == 0 or bool(d.eval_paths) or not d.paths or d.eval_split > 0,
+        f"train.eval_every={t.eval_every} needs held-out data: data.eval_paths (parquet files), or "
         "data.eval_split > 0 (a part of data.paths held out)",
     )
-    _require(config.checkpoint.write_threads >= 1,
-             f"checkpoint.write_threads must be >= 1, got {config.checkpoint.write_threads}")
-    t = config.train
-    _require(t.dtype in ("bf16", "fp32", "auto"), f"train.dtype={t.dtype!r} must be bf16, fp32 or auto")
-    _require(t.downstream_every >= 0 and t.downstream_questions >= 0,
-             "train.downstream_every and train.downstream_questions must be >= 0")
-    _require(not t.downstream_every or bool(t.downstream_file),
-             f"train.downstream_every={t.downstream_every} needs train.downstream_file (a JSONL multiple-choice task)")
-    for key in ("steps", "micro_batch_size", "grad_accum_steps"):
-        _require(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
-    _require(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0 (0: derived), got {t.global_batch_size}")
-    k = config.distill
-    _require(0.0 <= k.alpha <= 1.0, f"distill.alpha={k.alpha} must be between 0 and 1")
-    _require(k.temperature > 0, f"distill.temperature={k.temperature} must be positive")
-    _require(k.teacher_dtype in ("bf16", "fp32", "auto"),
-             f"distill.teacher_dtype={k.teacher_dtype!r} must be bf16, fp32 or auto")
+    # The chunk's checks name the key as the user wrote it (``distill.chunk_tokens`` before it moved).
     chunk = written_as(config, "train.loss_chunk_tokens")
-    _require(t.loss_chunk_tokens >= 0, f"{chunk} must be >= 0 (0: full logits), got {t.loss_chunk_tokens}")
-    _require(not k.teacher or t.loss_chunk_tokens >= 1,
-             f"{chunk}=0 (full logits) cannot distill: the distillation loss runs in chunks; set it >= 1")
-    o = config.optim
-    _require(len(o.betas) == 2, f"optim.betas must have two values, got {o.betas}")
-    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    if world_size is not None:
-        dp = data_parallel_size(p, world_size)
-        grad_accum_steps(t, dp)
-        _require(
+    require(t.loss_chunk_tokens >= 0, f"{chunk} must be >= 0 (0: full logits), got {t.loss_chunk_tokens}")
+    require(not config.distill.teacher or t.loss_chunk_tokens >= 1,
+            f"{chunk}=0 (full logits) cannot distill: the distillation loss runs in chunks; set it >= 1")
+    if dp is not None:
+        require(
             not t.eval_every or t.eval_batches > 0 or dp == 1,
             f"train.eval_batches=0 (the whole held-out set) needs dp 1, not {dp}: dp ranks would run different "
             "numbers of batches; set train.eval_batches",
         )
 
 
+def check_job(config: Config, distilling: bool) -> None:
+    """A distillation job names a teacher (``distill.teacher``); a pretraining job does not."""
+    if distilling:
+        require(bool(config.distill.teacher),
+                 "distill.teacher is empty: name a Hugging Face Llama / Qwen2 directory or an argonne_dt run")
+    else:
+        require(not config.distill.teacher,
+                 f"distill.teacher={config.distill.teacher!r} makes this a distillation job: run launch/distill.py "
+                 "with it")
+
+
 def check_tp_divides(m: ModelConfig, tp: int) -> None:
     """Each tensor-parallel rank must get whole query heads, whole kv heads and equal MLP columns."""
-    _require(
+    require(
         m.num_kv_heads % tp == 0,
         f"parallel.tp={tp} must divide model.num_kv_heads={m.num_kv_heads} (each rank needs whole kv heads)",
     )
-    _require(m.num_heads % tp == 0, f"parallel.tp={tp} must divide model.num_heads={m.num_heads}")
-    _require(
+    require(m.num_heads % tp == 0, f"parallel.tp={tp} must divide model.num_heads={m.num_heads}")
+    require(
         m.ffn_dim % tp == 0,
         f"parallel.tp={tp} must divide the MLP width {m.ffn_dim} (model.intermediate_size)",
     )
-
-
-def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
-    """The data-parallel degree on ``world_size`` ranks (dp = -1 means world_size / tp); checks dp * tp = world."""
-    _require(world_size % p.tp == 0 or p.dp != -1, f"world size {world_size} is not divisible by parallel.tp={p.tp}")
-    dp = world_size // p.tp if p.dp == -1 else p.dp
-    _require(dp * p.tp == world_size, f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {p.tp}")
-    return dp
-
-
-def grad_accum_steps(t: TrainConfig, dp: int) -> int:
-    """Micro-batches per optimizer step on ``dp`` ranks: ``train.grad_accum_steps``, or derived from
-    ``train.global_batch_size`` = micro_batch_size x grad_accum_steps x dp, which must come out whole."""
-    if not t.global_batch_size:
-        return t.grad_accum_steps
-    per_micro_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_micro_step:
-        lower = t.global_batch_size // per_micro_step * per_micro_step
-        nearest = [value for value in (lower, lower + per_micro_step) if value > 0]
-        sizes = [m for m in range(1, t.global_batch_size + 1) if t.global_batch_size % (m * dp) == 0]
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} cannot be formed on {dp} dp rank(s) from "
-            f"train.micro_batch_size={t.micro_batch_size}: it must be a multiple of micro_batch_size x dp = "
-            f"{per_micro_step}; nearest valid global_batch_size: {' or '.join(map(str, nearest))}"
-            + (f"; or train.micro_batch_size in {sizes[:8]}" if sizes else "; or run on a dp size that divides it")
-        )
-    accum = t.global_batch_size // per_micro_step
-    _require(t.grad_accum_steps in (1, accum),
-             f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.global_batch_size={t.global_batch_size} "
-             f"(which gives {accum} on {dp} dp rank(s) of micro_batch_size {t.micro_batch_size}): leave "
-             "grad_accum_steps at 1 when global_batch_size is set")
-    return accum
 
 
 def describe_fields() -> str:

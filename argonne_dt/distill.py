@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import ModelOptimizerState, load_checkpoint, resolve_checkpoint, stored_config
-from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig
+from .config import Config, ConfigError, DataConfig, DistillConfig, ModelConfig, check_job
 from .distributed import ParallelLayout, dtype_named, layout_of
 from .hf import from_hf_name, model_config_from_hf, to_hf_name
 from .loss import batch_on, distillation_loss
@@ -150,19 +150,17 @@ def fill_from_safetensors(model: ArgonneModel, files: list[Path]) -> None:
 
 
 def teacher_layout(layout: ParallelLayout | None, shard_over_dp: bool) -> ParallelLayout | None:
-    """The student's tensor-parallel mesh (and its dp dimension when FSDP2 shards the teacher);
-    no activation checkpointing or compile: the teacher never runs backward."""
+    """The student's tensor-parallel mesh (and its dp dimension when FSDP2 shards the teacher); the
+    teacher is built without the student's model transforms: it never runs backward."""
     if layout is None:
         return None
-    parallel = replace(layout.parallel, activation_checkpoint="none", compile=False)
-    return layout_of(layout.mesh if shard_over_dp and layout.dp > 1 else layout.tp_mesh, parallel)
+    return layout_of(layout.mesh if shard_over_dp and layout.dp > 1 else layout.tp_mesh, layout.parallel)
 
 
 def load_teacher(cfg: Config, layout: ParallelLayout | None, device: torch.device) -> ArgonneModel:
     """The teacher of ``cfg.distill``, in eval mode without gradients, on the student's tp mesh."""
+    check_job(cfg, distilling=True)
     spec = cfg.distill
-    if not spec.teacher:
-        raise ConfigError("distill.teacher is empty: name a Hugging Face Llama / Qwen2 directory or an argonne_dt run")
     path = Path(spec.teacher)
     dtype = dtype_named(spec.teacher_dtype, device)
     where = teacher_layout(layout, spec.teacher_fsdp)
@@ -182,12 +180,14 @@ def load_teacher(cfg: Config, layout: ParallelLayout | None, device: torch.devic
     return teacher.requires_grad_(False).eval()
 
 
+def distillation(cfg: Config, layout: ParallelLayout, device: torch.device) -> tuple[DistillationObjective, float]:
+    """The objective factory of a distillation run (``Trainer``): the teacher loaded on the student's
+    layout, and the FLOPs per token of its forward (a third of a forward and backward)."""
+    teacher = load_teacher(cfg, layout, device)
+    return DistillationObjective(teacher, cfg.distill, device), teacher.flops_per_token(cfg.data.seq_len) / 3
+
+
 def distill(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the distillation job of ``cfg``: the pretraining run with the distillation objective."""
-    if not cfg.distill.teacher:
-        raise ConfigError("distill.teacher is empty: name a Hugging Face Llama / Qwen2 directory or an argonne_dt run")
-    trainer = Trainer(cfg)
-    teacher = load_teacher(cfg, trainer.layout, trainer.device)
-    trainer.objective = DistillationObjective(teacher, cfg.distill, trainer.device)
-    trainer.flops_per_token += teacher.flops_per_token(cfg.data.seq_len) / 3  # its forward: a third of fwd + bwd
-    return trainer.run(on_step)
+    check_job(cfg, distilling=True)  # before the run is built
+    return Trainer(cfg, partial(distillation, cfg)).run(on_step)

@@ -2,7 +2,9 @@
 
 ``ParallelLayout`` is built once per process (``build_layout``) and passed to everything that
 must know how the world is split: the model factory, the data loader, the trainer, generation,
-the benchmarks and the tests.
+the benchmarks and the tests. It is the one place that computes the run's arithmetic: dp from the
+world and tp, gradient accumulation, tokens per step, whether sequence and loss parallelism are
+in effect.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from .config import Config, ParallelConfig, data_parallel_size
+from .config import Config, ConfigError, ParallelConfig, TrainConfig
+from .metrics import logger
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+log = logger(__name__)
 
 
 # Rank 0 alone reads every parquet footer and makes the first batch while its peers wait in a
@@ -67,12 +71,54 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> torch.
     return device
 
 
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    """The data-parallel degree on ``world_size`` ranks (dp = -1 means world_size / tp); checks dp * tp = world."""
+    tp, dp = parallel.tp, parallel.dp
+    if world_size % tp and dp == -1:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={tp}")
+    dp = world_size // tp if dp == -1 else dp
+    if dp * tp != world_size:
+        raise ConfigError(f"world size {world_size} must equal parallel.dp * parallel.tp = {dp} * {tp}")
+    return dp
+
+
+def grad_accum_steps(train: TrainConfig, dp: int) -> int:
+    """Micro-batches per optimizer step on ``dp`` ranks: ``train.grad_accum_steps``, or derived from
+    ``train.global_batch_size`` = micro_batch_size x grad_accum_steps x dp, which must come out whole."""
+    if not train.global_batch_size:
+        return train.grad_accum_steps
+    per_micro_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_micro_step:
+        lower = train.global_batch_size // per_micro_step * per_micro_step
+        nearest = [value for value in (lower, lower + per_micro_step) if value > 0]
+        sizes = [m for m in range(1, train.global_batch_size + 1) if train.global_batch_size % (m * dp) == 0]
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} cannot be formed on {dp} dp rank(s) from "
+            f"train.micro_batch_size={train.micro_batch_size}: it must be a multiple of micro_batch_size x dp = "
+            f"{per_micro_step}; nearest valid global_batch_size: {' or '.join(map(str, nearest))}"
+            + (f"; or train.micro_batch_size in {sizes[:8]}" if sizes else "; or run on a dp size that divides it")
+        )
+    accum = train.global_batch_size // per_micro_step
+    if train.grad_accum_steps not in (1, accum):
+        raise ConfigError(
+            f"train.grad_accum_steps={train.grad_accum_steps} contradicts train.global_batch_size="
+            f"{train.global_batch_size} (which gives {accum} on {dp} dp rank(s) of micro_batch_size "
+            f"{train.micro_batch_size}): leave grad_accum_steps at 1 when global_batch_size is set")
+    return accum
+
+
+def sequence_parallel_in_effect(parallel: ParallelConfig, tp: int) -> bool:
+    """Sequence parallelism shards between tp ranks: asked for and tp > 1."""
+    return parallel.sequence_parallel and tp > 1
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """How this process's world is split: a ("dp", "tp") mesh, or ("tp",) when dp is 1.
 
     ``parallel`` is the run's parallel config with dp resolved; ``sequence_parallel`` and
-    ``loss_parallel`` say whether those are in effect (they need tp > 1).
+    ``loss_parallel`` say whether those are in effect (they need tp > 1). ``grad_accum_steps`` and
+    ``micro_batch_size`` x ``seq_len`` (one micro-batch of one dp rank) give the tokens of a step.
     """
 
     mesh: DeviceMesh
@@ -81,6 +127,9 @@ class ParallelLayout:
     world_size: int
     dp_rank: int
     tp_rank: int
+    grad_accum_steps: int = 1
+    micro_batch_size: int = 1
+    seq_len: int = 0
 
     @property
     def tp(self) -> int:
@@ -96,11 +145,22 @@ class ParallelLayout:
 
     @property
     def sequence_parallel(self) -> bool:
-        return self.parallel.sequence_parallel and self.tp > 1
+        return sequence_parallel_in_effect(self.parallel, self.tp)
 
     @property
     def loss_parallel(self) -> bool:
+        """The full-logits loss runs on vocab-sharded logits, under ``loss_parallel()``."""
         return self.parallel.loss_parallel and self.tp > 1
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        """Tokens of one micro-batch of one dp rank."""
+        return self.micro_batch_size * self.seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all dp ranks."""
+        return self.tokens_per_micro_batch * self.grad_accum_steps * self.dp
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -116,20 +176,46 @@ class ParallelLayout:
         return self.tp_mesh.get_group() if self.tp > 1 else None
 
     @property
+    def dp_group(self):
+        """The process group of this rank's dp peers; None when dp is 1."""
+        return self.dp_mesh.get_group() if self.dp_mesh is not None else None
+
+    @property
     def reads_data(self) -> bool:
         """One rank per tp group reads the data; its peers receive the batches."""
         return self.tp_rank == 0
 
 
-def build_layout(parallel: ParallelConfig, device_type: str, world_size: int | None = None) -> ParallelLayout:
-    """The layout of the current process group (``world_size`` defaults to its size; dp=-1 means world / tp)."""
+def build_layout(parallel: ParallelConfig, device_type: str, world_size: int | None = None,
+                 train: TrainConfig | None = None, seq_len: int = 0) -> ParallelLayout:
+    """The layout of the current process group (``world_size`` defaults to its size; dp=-1 means world / tp).
+
+    With ``train`` (and ``data.seq_len``) it knows the step's batch: gradient accumulation (checked
+    against ``train.global_batch_size`` before any mesh is made) and tokens per step.
+    """
     world_size = dist.get_world_size() if world_size is None else world_size
     dp = data_parallel_size(parallel, world_size)
+    batch = {}
+    if train is not None:
+        batch = dict(grad_accum_steps=grad_accum_steps(train, dp), micro_batch_size=train.micro_batch_size,
+                     seq_len=seq_len)
     if dp == 1:
         mesh = init_device_mesh(device_type, (parallel.tp,), mesh_dim_names=("tp",))
     else:
         mesh = init_device_mesh(device_type, (dp, parallel.tp), mesh_dim_names=("dp", "tp"))
-    return layout_of(mesh, parallel)
+    return replace(layout_of(mesh, parallel), **batch)
+
+
+def run_layout(cfg: Config, device_type: str) -> ParallelLayout:
+    """The layout of a training run: ``parallel`` over the process group, the batch of ``train`` and ``data``."""
+    return build_layout(cfg.parallel, device_type, train=cfg.train, seq_len=cfg.data.seq_len)
+
+
+def decoding_layout(device_type: str) -> ParallelLayout:
+    """Every rank of the process group in one tp group, without sequence parallelism (decoding goes one
+    token at a time) and with whole logits (every rank samples from them)."""
+    parallel = ParallelConfig(tp=dist.get_world_size(), dp=1, sequence_parallel=False, loss_parallel=False)
+    return build_layout(parallel, device_type)
 
 
 def layout_of(mesh: DeviceMesh, parallel: ParallelConfig) -> ParallelLayout:
@@ -209,8 +295,7 @@ def resolve_auto_dtype(cfg: Config, device: torch.device) -> Config:
     decision = ["bf16" if compute_dtype(cfg, device) == torch.bfloat16 else "fp32"]
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"train.dtype=auto: {decision[0]} on this {device.type}", flush=True)
+    log.info(f"train.dtype=auto: {decision[0]} on this {device.type}")
     return replace(cfg, train=replace(cfg.train, dtype=decision[0]))
 
 

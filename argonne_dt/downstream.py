@@ -251,7 +251,7 @@ class MultipleChoiceTask:
 
 def evaluate_multiple_choice(checkpoint: str, path: str, limit: int = 0, tokens_per_batch: int = 2048) -> dict:
     """Multiple-choice accuracy of a checkpoint (one process; its GPU when it has one)."""
-    from .checkpoint import load_model
+    from .inference import load_model
 
     device = local_device()
     model, cfg = load_model(checkpoint, device=device)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, DataConfig
-from .checkpoint import load_model
+from .inference import load_model
 from .data import DataError, batches_for
 from .distributed import (ParallelLayout, any_rank, compute_dtype, full_value, local_device, mixed_precision,
                           raise_on_every_rank)
@@ -20,15 +20,16 @@ from .metrics import ProgressReporter
 
 @torch.no_grad()
 def evaluate(model, batches, device: torch.device, autocast, max_batches: int = 0, source: str = "",
-             progress: ProgressReporter | None = None) -> dict:
-    """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them).
+             progress: ProgressReporter | None = None, layout: ParallelLayout | None = None) -> dict:
+    """Mean next-token loss (and perplexity) over ``max_batches`` batches (0: all of them) of a model
+    parallelized over ``layout`` (None: one device).
 
     Under data parallelism every rank runs the same number of batches (``_in_step``), and the mean
     is taken over all ranks' batches.
     """
     total = torch.zeros(2, device=device)  # loss sum, batch count
     for batch in _in_step(batches, max_batches, device):
-        with autocast, loss_context(model):
+        with autocast, loss_context(layout):
             total[0] += full_value(next_token_loss(model, batch, device)["loss"])
         total[1] += 1
         if progress is not None:
@@ -80,7 +81,7 @@ class Evaluator:
                  autocast, layout: ParallelLayout | None = None, held_out: bool = False):
         """The batches of ``data_cfg``'s training data, or with ``held_out`` of its held-out data (see
         ``data.batches_for``)."""
-        self.max_batches, self.device, self.autocast = max_batches, device, autocast
+        self.max_batches, self.device, self.autocast, self.layout = max_batches, device, autocast, layout
         self.batches = batches_for(replace(data_cfg, loop=max_batches > 0), micro_batch_size, layout,
                                    held_out=held_out)
 
@@ -94,7 +95,7 @@ class Evaluator:
 
     def __call__(self, model, progress: ProgressReporter | None = None) -> dict:
         return evaluate(model, self.batches, self.device, self.autocast, self.max_batches, self.batches.source,
-                        progress)
+                        progress, self.layout)
 
 
 def evaluate_checkpoint(checkpoint: str, data_paths: list[str] | None = None, max_batches: int = 0,

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_model
-from .config import DataConfig, ParallelConfig
-from .distributed import build_layout, dtype_named, full_value, init_distributed, local_device, mixed_precision
+from .inference import load_model
+from .config import DataConfig, require
+from .distributed import decoding_layout, dtype_named, full_value, init_distributed, local_device, mixed_precision
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
@@ -29,6 +29,18 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off
     seed: int = 0
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings that cannot sample (the launcher's flags are these fields' names)."""
+        require(self.max_new_tokens >= 1, f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature >= 0, f"sampling temperature must be >= 0 (0: greedy), got {self.temperature}")
+        require(self.top_k >= 0, f"sampling top_k must be >= 0 (0: off), got {self.top_k}")
+        require(0 < self.top_p <= 1, f"sampling top_p must be in (0, 1] (1: off), got {self.top_p}")
+        require(self.repetition_penalty > 0,
+                 f"sampling repetition_penalty must be positive (1: off), got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -173,8 +185,7 @@ def generate_from_checkpoint(
     layout = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = init_distributed()
-        layout = build_layout(ParallelConfig(tp=int(os.environ["WORLD_SIZE"]), dp=1, sequence_parallel=False,
-                                             loss_parallel=False), device.type)
+        layout = decoding_layout(device.type)
     else:
         device = local_device()
     model, run_cfg = load_model(checkpoint, device, layout)

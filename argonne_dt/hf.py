@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, write_model_checkpoint
+from .checkpoint import write_model_checkpoint
+from .inference import load_model
 from .config import Config, ModelConfig
 from .distributed import DTYPES
 from .metrics import ProgressReporter

@@ -255,18 +255,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return _fused(hidden, weight, targets, chunk, _cross_entropy_chunks)[0]
 
 
-def loss_context(model):
-    """``loss_parallel()`` when the model's logits come out vocab-sharded (``ArgonneModel.use_loss_path``),
-    for a loss on its logits; the loss's forward and backward go inside it. The fused losses need
-    no context. Other models (Hugging Face's, in the benchmarks) have whole logits."""
-    return loss_parallel() if getattr(model, "vocab_sharded_logits", False) else contextlib.nullcontext()
+def loss_context(layout):
+    """``loss_parallel()`` when a model parallelized over ``layout`` (a ``ParallelLayout``, None for one
+    device) has vocab-sharded logits, for a loss on its logits; the loss's forward and backward go
+    inside it. The fused losses need no context."""
+    return loss_parallel() if layout is not None and layout.loss_parallel else contextlib.nullcontext()
 
 
 def next_token_loss(model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     """The pretraining objective: ``{"loss": mean next-token cross-entropy}`` of one micro-batch.
 
     An objective maps (model, micro-batch) to named scalars; ``loss`` is the one minimized, and
-    every other entry is averaged and logged like it. Call it inside ``loss_context(model)``.
+    every other entry is averaged and logged like it. Call it inside ``loss_context(layout)``.
     """
     inputs, targets = batch_on(device, batch, model.config.vocab_size)
     return {"loss": model(inputs, targets=targets)}

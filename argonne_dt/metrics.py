@@ -1,9 +1,10 @@
-"""Console lines, TensorBoard scalars, metrics.jsonl; tokens/s, MFU and memory."""
+"""The package's rank-aware logger; console lines, TensorBoard scalars, metrics.jsonl; tokens/s, MFU and memory."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -13,10 +14,58 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+def is_rank_zero() -> bool:
+    """Whether this process speaks for the run: rank 0 of the process group, or a process without one."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ``extra=`` of a record that every rank has its own of (a signal it received): said on every rank.
+EVERY_RANK = {"every_rank": True}
+# ``extra=`` of a warning that is the same on every rank: said once, by rank 0.
+ONCE = {"once": True}
+
+
+class _Console(logging.Handler):
+    """Information as it is, on stdout; warnings and errors on stderr, with level and source. The
+    streams are looked up per record, as ``print`` does, so a redirected or captured stdout gets them.
+
+    Rank 0 alone says information (``EVERY_RANK`` lets a record through on every rank); every rank
+    says its warnings, but for those marked ``ONCE``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if is_rank_zero() or getattr(record, "every_rank", False):
+            return True
+        return record.levelno >= logging.WARNING and not getattr(record, "once", False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                stream, text = sys.stderr, f"{record.levelname} {record.name}: {record.getMessage()}"
+            else:
+                stream, text = sys.stdout, record.getMessage()
+            stream.write(text + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
+
+
+def logger(name: str) -> logging.Logger:
+    """The logger of module ``name`` of the package; every one writes through the package's console."""
+    package = logging.getLogger(__package__)
+    if not any(isinstance(handler, _Console) for handler in package.handlers):
+        package.addHandler(_Console())
+        package.setLevel(logging.INFO)
+    return logging.getLogger(name)
+
+
+log = logger(__name__)
 
 # Longest text (a sample) on one console line.
 CONSOLE_TEXT_CHARS = 200
@@ -308,7 +357,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         line = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
-        print(f"{head or f'step {step:>7}'} | {line}", flush=True)
+        log.info(f"{head or f'step {step:>7}'} | {line}")
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         if self.writer is not None:
             for key, value in scalars.items():
@@ -321,7 +370,7 @@ class MetricsLogger:
         """A text (a sample): one line on the console (``one_line``); as it is in metrics.jsonl and TensorBoard."""
         if not self.enabled:
             return
-        print(f"step {step:>7} | {tag}: {one_line(text)}", flush=True)
+        log.info(f"step {step:>7} | {tag}: {one_line(text)}")
         self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
         if self.writer is not None:
             self.writer.add_text(tag, text, step)

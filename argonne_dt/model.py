@@ -205,25 +205,19 @@ class ArgonneModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.use_loss_path(fused_chunk=1024, vocab_sharded_logits=False)
+        self.use_loss_path(fused_chunk=1024)
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
-    def use_loss_path(self, fused_chunk: int | None = None, vocab_sharded_logits: bool | None = None) -> None:
-        """How ``forward(tokens, targets=...)`` computes the loss (an argument left out keeps its value).
-
-        ``fused_chunk`` tokens per chunk of the fused lm_head + loss (``train.loss_chunk_tokens``; 0:
-        full logits, then cross-entropy); at any tensor-parallel degree, a vocab-sharded lm_head making
-        it the vocab-parallel fused loss. ``vocab_sharded_logits``: the lm_head's output is
-        vocab-sharded (tensor parallelism sets it), so the full-logits loss runs under ``loss_parallel``.
-        """
-        if fused_chunk is not None:
-            self.fused_loss_chunk = fused_chunk
-        if vocab_sharded_logits is not None:
-            self.vocab_sharded_logits = vocab_sharded_logits
+    def use_loss_path(self, fused_chunk: int) -> None:
+        """How ``forward(tokens, targets=...)`` computes the loss: ``fused_chunk`` tokens per chunk of the
+        fused lm_head + loss (``train.loss_chunk_tokens``; 0: full logits, then cross-entropy, under
+        ``loss.loss_context(layout)``); at any tensor-parallel degree, a vocab-sharded lm_head making
+        it the vocab-parallel fused loss."""
+        self.fused_loss_chunk = fused_chunk
 
     def tie_weights(self) -> None:
         """One parameter for embedding and lm_head (call again after anything replaces either);

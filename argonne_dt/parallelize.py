@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -93,10 +94,9 @@ def apply_tensor_parallel(model: ArgonneModel, tp_mesh: DeviceMesh, sequence_par
                 _replicate_on(getattr(block, name), tp_mesh)
     # parallelize_module gave embed and lm_head a DTensor each; both are Shard(0) over the vocab,
     # so one parameter serves both again.
-    model.tie_weights()
     # The vocabulary is sharded: the fused loss becomes vocab-parallel (its chunk unchanged); the
-    # full-logits loss (chunk 0) runs under loss_parallel when the logits stay sharded.
-    model.use_loss_path(vocab_sharded_logits=vocab_parallel_loss)
+    # full-logits loss (chunk 0) runs under loss_parallel when the logits stay sharded (the layout says).
+    model.tie_weights()
 
 
 # Outputs worth keeping in selective (op-level) checkpointing: the expensive matmuls and
@@ -138,6 +138,26 @@ def compile_blocks(model: ArgonneModel) -> None:
     for block in model.layers:
         block.attn.compile()
         block.mlp.compile()
+
+
+@dataclass(frozen=True)
+class ModelTransforms:
+    """What a model that trains gets besides its layout: per-block recompute and compile (a teacher,
+    which never runs backward, and inference get none)."""
+
+    activation_checkpoint: str = "none"
+    ac_every: int = 0
+    compile: bool = False
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig) -> "ModelTransforms":
+        """The transforms ``parallel.activation_checkpoint``, ``parallel.ac_every`` and ``parallel.compile`` ask for."""
+        return cls(parallel.activation_checkpoint, parallel.ac_every, parallel.compile)
+
+    def apply(self, model: ArgonneModel) -> None:
+        if self.compile:
+            compile_blocks(model)
+        apply_activation_checkpointing(model, self.activation_checkpoint, self.ac_every)
 
 
 def reshard_after_forward(parallel: ParallelConfig, world_size: int) -> bool:
@@ -209,8 +229,10 @@ def parallelize(
     param_dtype: torch.dtype = torch.float32,
     before_fsdp: Callable[[ArgonneModel], None] | None = None,
     shard_root: bool = True,
+    transforms: ModelTransforms = ModelTransforms(),
 ) -> ArgonneModel:
-    """Apply TP (+SP, vocab-parallel embedding / loss), compile, activation checkpointing and FSDP2.
+    """Apply TP (+SP, vocab-parallel embedding / loss), ``transforms`` (compile, activation
+    checkpointing) and FSDP2.
 
     ``param_dtype`` is the dtype FSDP2 gathers parameters in for compute (bf16 for mixed
     precision); master weights stay fp32. Pure TP relies on autocast for the same effect.
@@ -222,9 +244,7 @@ def parallelize(
         apply_tensor_parallel(model, layout.tp_mesh, layout.sequence_parallel, layout.loss_parallel)
         if layout.sequence_parallel:
             model.register_forward_pre_hook(partial(_check_sequence_length, layout.tp))
-    if layout.parallel.compile:
-        compile_blocks(model)
-    apply_activation_checkpointing(model, layout.parallel.activation_checkpoint, layout.parallel.ac_every)
+    transforms.apply(model)
     if before_fsdp is not None:
         before_fsdp(model)
     if layout.dp_mesh is not None:
@@ -237,14 +257,15 @@ def parallelize(
 def build_model(model_config: ModelConfig, layout: ParallelLayout | None = None, device: torch.device | str = "cpu",
                 seed: int | None = None, param_dtype: torch.dtype = torch.float32,
                 weights_dtype: torch.dtype = torch.float32, fill: Callable[[ArgonneModel], None] | None = None,
-                shard_root: bool = True) -> ArgonneModel:
+                shard_root: bool = True, transforms: ModelTransforms = ModelTransforms()) -> ArgonneModel:
     """The one way a model is made: on the meta device, parallelized, then allocated shard by shard.
 
     ``layout`` None gives a plain single-device model. ``seed`` initializes the weights (the same
     values whatever the layout); None leaves them for a checkpoint to fill, or for ``fill(model)``,
     which runs on the allocated tensor-parallel shards before FSDP2 shards further (a weights
     reader). ``weights_dtype`` is the parameters' storage dtype (a bf16 teacher). ``device="meta"``
-    leaves the model unallocated (the memory planner counts its shards).
+    leaves the model unallocated (the memory planner counts its shards). ``transforms``: activation
+    checkpointing and compile, for a model that trains.
     """
     with torch.device("meta"):
         model = ArgonneModel(model_config)
@@ -262,7 +283,9 @@ def build_model(model_config: ModelConfig, layout: ParallelLayout | None = None,
 
     allocate_here = None if str(device) == "meta" else allocate
     if layout is not None:
-        return parallelize(model, layout, param_dtype, before_fsdp=allocate_here, shard_root=shard_root)
+        return parallelize(model, layout, param_dtype, before_fsdp=allocate_here, shard_root=shard_root,
+                           transforms=transforms)
+    transforms.apply(model)
     if allocate_here is not None:
         allocate_here(model)
     return model

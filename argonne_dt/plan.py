@@ -35,9 +35,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides, load_config
-from .distributed import build_layout
+from .distributed import build_layout, sequence_parallel_in_effect
 from .metrics import PEAK_BF16_FLOPS, PeakTensorBytes, local_tensor
-from .parallelize import build_model
+from .parallelize import ModelTransforms, build_model
 
 GIB = 2**30
 
@@ -261,8 +261,8 @@ def _filled(model) -> None:
             param.grad = torch.zeros_like(param)
 
 
-def _step_layout(tp: int, dp: int, sp: bool, ac: str):
-    return build_layout(ParallelConfig(tp=tp, dp=dp, sequence_parallel=sp, activation_checkpoint=ac), "cpu")
+def _step_layout(tp: int, dp: int, sp: bool):
+    return build_layout(ParallelConfig(tp=tp, dp=dp, sequence_parallel=sp), "cpu")
 
 
 @contextlib.contextmanager
@@ -287,8 +287,8 @@ def _measure(model_key: tuple, tp: int, sp: bool, ac: str, micro_batch: int, seq
     # One block at the real widths; a vocabulary of 64 rows per rank keeps the embedding out of the way.
     one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
     with fake_world(tp):
-        layout = _step_layout(tp, 1, sp, ac)
-        model = build_model(one_block, layout, device="meta")
+        layout = _step_layout(tp, 1, sp)
+        model = build_model(one_block, layout, device="meta", transforms=ModelTransforms(activation_checkpoint=ac))
         with _fake_tensors(model):
             recorder = StepRecorder(group_dims(layout), model.parameters())
             after_block = {}
@@ -340,7 +340,7 @@ def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key:
     rows, chunk_measured = 521, 37 * tp  # lengths no other dimension of the planned models has
     seq = 3 * chunk_measured
     with fake_world(tp):
-        layout = _step_layout(tp, 1, sp, "none")
+        layout = _step_layout(tp, 1, sp)
         model = _small_model(m, tp, rows, seq, layout)
         chunk = getattr(model, "fused_loss_chunk", 0)
         if chunk:
@@ -352,7 +352,7 @@ def _measure_loss(model_key: tuple, tp: int, sp: bool, tokens: int, teacher_key:
         ids = torch.zeros(1, seq, dtype=torch.long)
         states = lambda model, hidden, targets: hidden  # noqa: E731 - the final hidden states, no loss
         recorder = StepRecorder(group_dims(layout), model.parameters(), sizes)
-        with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model), weight_layout_as(device):
+        with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(layout), weight_layout_as(device):
             hidden = model(ids, head=states).detach().requires_grad_()
             if teacher_key is None:
                 loss = lambda: model.loss_from_hidden(hidden, ids)  # noqa: E731
@@ -388,7 +388,7 @@ def measured_fsdp_retained(model_key: tuple, tp: int, micro_batch: int, seq: int
     m = ModelConfig(*model_key)
     one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
     with fake_world(tp * 2):
-        layout = _step_layout(tp, 2, tp > 1, "none")
+        layout = _step_layout(tp, 2, tp > 1)
         model = build_model(one_block, layout, device="meta", param_dtype=torch.bfloat16)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
@@ -511,12 +511,12 @@ def _measure_teacher_forward(model_key: tuple, tp: int, sp: bool, micro_batch: i
     m = ModelConfig(*model_key)
     one_block = replace(m, num_layers=1, vocab_size=64 * tp, max_seq_len=max(seq, m.max_seq_len))
     with fake_world(tp):
-        layout = _step_layout(tp, 1, sp, "none")
+        layout = _step_layout(tp, 1, sp)
         model = build_model(one_block, layout, device="meta", weights_dtype=torch.bfloat16)
         with _fake_tensors(model):
             recorder = StepRecorder(group_dims(layout), model.parameters())
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), recorder:
-                hidden = model(torch.zeros(micro_batch, seq, dtype=torch.long),
+                hidden = model(torch.zeros(micro_batch, seq, dtype=torch.long),  # noqa: F841 - kept: counted as live
                                head=lambda model, hidden, targets: hidden)
                 return recorder.peak - recorder.live_bytes(), recorder.live_bytes()
 
@@ -532,8 +532,8 @@ def teacher_bytes(name: str, student: ModelConfig, parallel: ParallelConfig, tp:
     except ConfigError as err:
         return {"runs": False, "reason": str(err)}
     params = local_parameter_count(model, parallel, tp, dp if shard_over_dp else 1, shard_root=False)
-    working, kept = _measure_teacher_forward(astuple(model), tp, parallel.sequence_parallel and tp > 1, batch, seq)
-    sp = parallel.sequence_parallel and tp > 1
+    sp = sequence_parallel_in_effect(parallel, tp)
+    working, kept = _measure_teacher_forward(astuple(model), tp, sp, batch, seq)
     kl, _ = _measure_loss(astuple(student), tp, sp, batch * seq, astuple(model))
     forward_flops = _flops_per_token(astuple(model), seq) / 3  # forward: a third of fwd + bwd
     return {"runs": True, "local_parameters": params, "weights": 2 * params, "activations": working + kept,

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-from .distributed import full_value
+from .distributed import ParallelLayout, full_value
 from .loss import loss_context, next_token_loss
 from .optim import clip_grad_norm_
 
@@ -36,9 +36,9 @@ class StepResult:
 
 
 def accumulate_gradients(model, micro_batches: list[dict], device: torch.device, autocast,
-                         objective: Objective = next_token_loss) -> dict[str, torch.Tensor]:
+                         layout: ParallelLayout | None, objective: Objective = next_token_loss) -> dict[str, torch.Tensor]:
     """Forward + backward of ``objective`` over the micro-batches; returns this rank's terms
-    averaged over them (``loss`` is the one differentiated).
+    averaged over them (``loss`` is the one differentiated). ``layout`` is the model's (None: one device).
 
     Under FSDP2 the gradients are reduce-scattered once, after the last micro-batch: the earlier
     ones accumulate in the unsharded gradients.
@@ -47,7 +47,7 @@ def accumulate_gradients(model, micro_batches: list[dict], device: torch.device,
     for index, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-        with autocast, loss_context(model):
+        with autocast, loss_context(layout):
             terms = {name: value / len(micro_batches) for name, value in objective(model, batch, device).items()}
             terms["loss"].backward()
         for name, value in terms.items():
@@ -57,23 +57,22 @@ def accumulate_gradients(model, micro_batches: list[dict], device: torch.device,
 
 
 def train_step(model, optimizer, micro_batches: list[dict], device: torch.device, autocast, grad_clip: float,
-               objective: Objective = next_token_loss) -> StepResult:
+               layout: ParallelLayout | None, objective: Objective = next_token_loss) -> StepResult:
     """Gradients of the micro-batches, global-norm clip, optimizer step unless non-finite.
 
     Every rank gets the same numbers, so all take the same decision.
     """
-    sums = accumulate_gradients(model, micro_batches, device, autocast, objective)
+    sums = accumulate_gradients(model, micro_batches, device, autocast, layout, objective)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
     totals = torch.stack(list(sums.values()))
-    world = 1
-    if dist.is_initialized():
-        # Every tp rank holds its dp group's terms, so the sum over the world is tp x the sum over
-        # dp ranks, and the mean over dp ranks is that sum / world.
-        dist.all_reduce(totals)
-        world = dist.get_world_size()
+    dp = 1
+    if layout is not None and layout.dp_group is not None:
+        # The tp ranks of a dp group hold the same terms: the mean over the dp group is everyone's.
+        dist.all_reduce(totals, group=layout.dp_group)
+        dp = layout.dp
     # The step's one wait for the device: its terms and gradient norm read together.
     *totals, grad_norm = torch.cat([totals, grad_norm.reshape(1).to(totals.dtype)]).tolist()
-    losses = {name: total / world for name, total in zip(sums, totals)}
+    losses = {name: total / dp for name, total in zip(sums, totals)}
     applied = all(math.isfinite(v) for v in losses.values()) and math.isfinite(grad_norm)
     if applied:
         optimizer.step()

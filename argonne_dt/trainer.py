@@ -3,7 +3,7 @@
     trainer = Trainer(cfg)          # layout, plans, model, optimizer, data, checkpointer, metrics; resumes
     trainer.run()                   # steps until train.steps, a stop signal, or the end of the data
 
-A second objective (e.g. distillation) is a different ``objective`` for the same loop.
+A second objective (e.g. distillation) is a different objective factory for the same loop.
 """
 
 from __future__ import annotations
@@ -13,26 +13,37 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import Checkpointer, ModelOptimizerState, RngState, config_changes, load_checkpoint, resolve_checkpoint
-from .config import Config, ConfigError, grad_accum_steps, validate
+from .checkpoint import Checkpointer, ModelOptimizerState, RngState
+from .config import Config, check_job, validate
 from .data import DataError, batches_for
-from .distributed import (any_rank, build_layout, compute_dtype, host_group, init_distributed, mixed_precision,
-                          raise_on_every_rank, resolve_auto_dtype)
+from .distributed import (ParallelLayout, any_rank, compute_dtype, host_group, init_distributed, mixed_precision,
+                          raise_on_every_rank, resolve_auto_dtype, run_layout)
 from .downstream import MultipleChoiceTask
 from .evaluation import Evaluator
 from .generate import SamplingConfig, generate_text
 from .loss import next_token_loss
-from .metrics import LogWindow, MetricsLogger, peak_flops, peak_memory_gib, progress_text
+from .metrics import EVERY_RANK, LogWindow, MetricsLogger, is_rank_zero, logger, peak_flops, peak_memory_gib, progress_text
 from .optim import build_optimizer, build_scheduler
-from .parallelize import build_model
+from .parallelize import ModelTransforms, build_model
 from .step import Objective, StepResult, train_step
 
 HOST = torch.device("cpu")  # where the tensors of the host group's decisions live
+
+
+# Makes a run's objective once its layout and device are known: (objective, FLOPs per token it adds
+# to the model's forward and backward, for MFU).
+ObjectiveFactory = Callable[[ParallelLayout, torch.device], tuple[Objective, float]]
+
+
+def pretraining(layout: ParallelLayout, device: torch.device) -> tuple[Objective, float]:
+    """The pretraining objective: next-token cross-entropy, nothing beside the model."""
+    return next_token_loss, 0.0
+
+
+log = logger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -74,7 +85,7 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.requested = True
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step", flush=True)
+        log.info(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step", extra=EVERY_RANK)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -85,12 +96,11 @@ class StopSignals:
 class Trainer:
     """Everything a run is made of, built once and resumed from the run's newest checkpoint."""
 
-    def __init__(self, cfg: Config, objective: Objective = next_token_loss):
+    def __init__(self, cfg: Config, objective_factory: ObjectiveFactory = pretraining):
         self.device = init_distributed(cfg.parallel.timeout_minutes)
-        validate(cfg, world_size=dist.get_world_size())
+        self.layout = layout = run_layout(cfg, self.device.type)
+        validate(cfg, dp=layout.dp)
         self.cfg = cfg = resolve_auto_dtype(cfg, self.device)
-        self.layout = layout = build_layout(cfg.parallel, self.device.type)
-        self.is_main = layout.rank == 0
         torch.manual_seed(cfg.train.seed + layout.rank)
         # The data plans its shares once for all ranks: a layout that cannot work (a rank without
         # rows, held-out data included) stops the run here, not hours in.
@@ -99,48 +109,27 @@ class Trainer:
         self.autocast = mixed_precision(dtype, self.device)
         self.evaluator = Evaluator.for_run(cfg, self.device, self.autocast, layout) if cfg.train.eval_every else None
         self.downstream = MultipleChoiceTask.for_run(cfg) if cfg.train.downstream_every else None
-        self.model = build_model(cfg.model, layout, self.device, cfg.train.seed, dtype)
+        self.model = build_model(cfg.model, layout, self.device, cfg.train.seed, dtype,
+                                 transforms=ModelTransforms.of(cfg.parallel))
         self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.objective = objective
         self.progress = Progress()
         self.window = LogWindow()
-        # Asynchronous saves run their collectives in a background thread, beside training's: they
-        # need a process group of their own (gloo: the data being written is on the CPU by then).
-        checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
         self.host_group = host_group()
-        self.checkpointer = Checkpointer(
-            Path(cfg.job.dir) / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-            ModelOptimizerState(self.model, self.optimizer),
+        self.checkpointer = Checkpointer.for_run(
+            cfg, ModelOptimizerState(self.model, self.optimizer),
             {"progress": self.progress, "data": self.data, "log_window": self.window,
-             "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)},
-            checkpoint_group, cfg.checkpoint.write_threads)
-        self._resume()
+             "rng": RngState(layout.rank, layout.world_size, self.device, cfg.train.seed, lambda: self.progress.step)})
+        self.checkpointer.load()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps, start_step=self.progress.step)
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
-        self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=self.is_main,
+        self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=is_rank_zero(),
                                      resume_step=self.progress.step)
-        self.grad_accum_steps = grad_accum_steps(cfg.train, layout.dp)
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * self.grad_accum_steps * layout.dp
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.objective, objective_flops = objective_factory(layout, self.device)
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len) + objective_flops
         self.peak_flops = peak_flops(self.device, dtype) * layout.world_size
         self.losses: dict[int, float] = {}
         self.started = time.perf_counter()
-        self.last_saved: Path | None = None
-        self.saved_step = -1
-
-    def _resume(self) -> None:
-        """From the run's newest checkpoint, else the weights of ``checkpoint.initial_load_path``, else nothing."""
-        latest = self.checkpointer.latest()
-        if latest is not None:
-            changes = config_changes(latest, self.cfg)
-            if changes and self.is_main:
-                print(f"resuming {latest} with changed settings: " + "; ".join(changes), flush=True)
-            self.checkpointer.restore(latest)
-        elif self.cfg.checkpoint.initial_load_path:
-            initial = resolve_checkpoint(self.cfg.checkpoint.initial_load_path)
-            config_changes(initial, self.cfg, resuming=False)  # refuses model settings the weights were not trained with
-            load_checkpoint(initial, ModelOptimizerState(self.model, None), self.checkpointer.process_group)
 
     def next_micro_batches(self) -> list[dict] | None:
         """The next step's micro-batches; None on every rank once any rank's data ended (``data.loop``
@@ -148,7 +137,7 @@ class Trainer:
         Agreed over the host group: no wait for a device."""
         batches, ended, failure = [], False, None
         try:
-            batches = [next(self.batches) for _ in range(self.grad_accum_steps)]
+            batches = [next(self.batches) for _ in range(self.layout.grad_accum_steps)]
         except StopIteration:
             ended = True
         except Exception as err:
@@ -162,19 +151,18 @@ class Trainer:
         """One optimizer step and the counters, schedule and checkpoint publishing that follow it."""
         cfg, progress = self.cfg, self.progress
         result = train_step(self.model, self.optimizer, micro_batches, self.device, self.autocast,
-                            cfg.optim.grad_clip, self.objective)
+                            cfg.optim.grad_clip, self.layout, self.objective)
         if result.applied:
             progress.consecutive_nonfinite = 0
         else:
             progress.skipped_steps += 1
             progress.consecutive_nonfinite += 1
-            if self.is_main:
-                print(f"step {progress.step + 1}: non-finite loss {result.losses} / grad norm "
-                      f"{result.grad_norm}: update skipped", flush=True)
+            log.info(f"step {progress.step + 1}: non-finite loss {result.losses} / grad norm "
+                     f"{result.grad_norm}: update skipped")
         self.lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         progress.step += 1
-        progress.tokens_seen += self.tokens_per_step
+        progress.tokens_seen += self.layout.tokens_per_step
         self.losses[progress.step] = result.loss
         self.checkpointer.poll(self.device)
         if progress.consecutive_nonfinite > cfg.train.max_nonfinite_steps:
@@ -192,7 +180,7 @@ class Trainer:
         if step % self.cfg.metrics.log_every == 0 or step == total:
             # Means over the steps since the previous line (Megatron's convention): a smooth curve.
             seconds_per_step = self.window.seconds_per_step()
-            tokens_per_s = self.tokens_per_step / seconds_per_step
+            tokens_per_s = self.layout.tokens_per_step / seconds_per_step
             self.metrics.log(step, {
                 **self.window.means(), "lr": self.lr, "tokens_seen": self.progress.tokens_seen,
                 "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / self.layout.world_size,
@@ -215,8 +203,8 @@ class Trainer:
         every = self.cfg.train.downstream_every
         if not every or self.progress.step % every:
             return
-        tokens_per_batch = self.cfg.train.micro_batch_size * self.cfg.data.seq_len  # what a training micro-batch holds
-        scores = self.downstream.score(self.model, self.device, self.autocast, self.layout, tokens_per_batch)
+        scores = self.downstream.score(self.model, self.device, self.autocast, self.layout,
+                                       self.layout.tokens_per_micro_batch)  # what a training micro-batch holds
         result = {f"downstream_{k}": v for k, v in scores.metrics().items()}
         self.metrics.log(self.progress.step, {**result, "tokens_seen": self.progress.tokens_seen}, section="downstream")
         record.update(result)
@@ -239,18 +227,6 @@ class Trainer:
         for prompt, text in zip(prompts, texts):
             self.metrics.text(self.progress.step, "sample", prompt + text)
 
-    def save_if_due(self, stop: bool) -> None:
-        """Save on a stop, every ``checkpoint.every`` steps (not amid non-finite steps) and at the last step."""
-        step, every = self.progress.step, self.cfg.checkpoint.every
-        periodic = every and step % every == 0 and self.progress.consecutive_nonfinite == 0
-        if stop or periodic or step == self.cfg.train.steps:
-            self.save()
-
-    def save(self) -> None:
-        if self.saved_step != self.progress.step:
-            self.last_saved = self.checkpointer.save(self.progress.step, self.cfg.to_dict())
-            self.saved_step = self.progress.step
-
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> dict:
         """Train until ``train.steps``, a stop signal or the end of the data; returns status, final
         step, per-step losses and the last checkpoint. ``on_step(step, record)`` runs on every rank."""
@@ -269,25 +245,23 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.progress.step, record)
                 stop = any_rank([signals.requested], HOST, self.host_group)[0]  # one decision for all ranks
-                self.save_if_due(stop)
+                self.checkpointer.maybe_save(self.progress.step, last=self.progress.step == self.cfg.train.steps,
+                                             force=stop, healthy=self.progress.consecutive_nonfinite == 0)
                 if stop:
                     status = "preempted"
                     break
-            self.save()
+            self.checkpointer.maybe_save(self.progress.step, force=True)
             self.checkpointer.close()  # the last save written, the staging buffers freed
         finally:
             signals.restore()
             self.metrics.close()
-        if self.is_main:
-            print(f"{status} at step {self.progress.step}; checkpoint {self.last_saved}", flush=True)
+        log.info(f"{status} at step {self.progress.step}; checkpoint {self.checkpointer.last_saved}")
         return {"status": status, "step": self.progress.step, "losses": self.losses,
-                "checkpoint": str(self.last_saved), "skipped_steps": self.progress.skipped_steps}
+                "checkpoint": str(self.checkpointer.last_saved), "skipped_steps": self.progress.skipped_steps}
 
 
-def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None, objective: Objective = next_token_loss) -> dict:
+def train(cfg: Config, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the job described by ``cfg``; see ``Trainer.run``. A config with a teacher is a
     distillation job (``distill.distill``), not started as pretraining by mistake."""
-    if cfg.distill.teacher:
-        raise ConfigError(f"distill.teacher={cfg.distill.teacher!r} makes this a distillation job: run "
-                          "launch/distill.py with it")
-    return Trainer(cfg, objective).run(on_step)
+    check_job(cfg, distilling=False)
+    return Trainer(cfg).run(on_step)

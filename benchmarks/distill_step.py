@@ -54,7 +54,7 @@ def main() -> None:
             extra = {"objective": objectives[name]} if objectives[name] else {}
             with PeakRss() as rss:
                 start = time.perf_counter()
-                train_step(model, optimizers[name], [batch], device, autocast, cfg.optim.grad_clip, **extra)
+                train_step(model, optimizers[name], [batch], device, autocast, cfg.optim.grad_clip, None, **extra)
                 elapsed = time.perf_counter() - start
             if index >= args.warmup:
                 results[name]["times"].append(elapsed)

@@ -58,7 +58,8 @@ def _optimizer(model, cfg, device):
 
 def _step(model, optimizer, batch, cfg) -> float:
     device = batch["input"].device
-    return train_step(model, optimizer, [batch], device, mixed_precision(torch.bfloat16, device), cfg.optim.grad_clip).loss
+    return train_step(model, optimizer, [batch], device, mixed_precision(torch.bfloat16, device), cfg.optim.grad_clip,
+                      None).loss
 
 
 def _batch(cfg, device, batch, seq, seed=0) -> dict:
@@ -99,7 +100,7 @@ def check_compile(cfg, device, batch, seq) -> dict:
     tokens = _batch(cfg, device, batch, seq, seed=1)
     results = []
     for model in (eager, compiled):
-        loss = accumulate_gradients(model, [tokens], device, mixed_precision(torch.bfloat16, device))["loss"]
+        loss = accumulate_gradients(model, [tokens], device, mixed_precision(torch.bfloat16, device), None)["loss"]
         results.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     grad_error = ((compiled_grad - eager_grad).norm() / eager_grad.norm()).item()

@@ -5,7 +5,9 @@
     torchrun --nproc-per-node 2 benchmarks/tp_throughput.py --config tiny.toml --tp 2 --loss logits fused
 
 Each degree runs the real step (forward, backward, global clip, AdamW) on random tokens over all
-ranks (dp = world / tp), warm-up steps excluded. Peak memory is the CUDA allocator's peak per
+ranks (dp = world / tp), with the run's gradient accumulation (``train.global_batch_size`` or
+``train.grad_accum_steps``, as the layout computes it) and model transforms (activation
+checkpointing, compile), warm-up steps excluded. Peak memory is the CUDA allocator's peak per
 config, or on CPU the process's max RSS so far (it only grows across configs). The communication
 share is the time spent in c10d collectives during one profiled step.
 
@@ -29,11 +31,11 @@ from torch.profiler import ProfilerActivity, profile
 from common import PeakRss, emit_json, random_micro_batches
 
 from argonne_dt.config import load_config
-from argonne_dt.distributed import build_layout, compute_dtype, init_distributed, mixed_precision
+from argonne_dt.distributed import compute_dtype, init_distributed, mixed_precision, run_layout
 from argonne_dt.loss import loss_context
 from argonne_dt.metrics import PeakTensorBytes, peak_flops, peak_memory_gib
 from argonne_dt.optim import build_optimizer
-from argonne_dt.parallelize import build_model
+from argonne_dt.parallelize import ModelTransforms, build_model
 from argonne_dt.step import train_step
 
 _COLLECTIVES = ("c10d::", "nccl:", "gloo:", "allreduce", "all_reduce", "reduce_scatter", "all_gather", "allgather")
@@ -67,10 +69,10 @@ def _peak_bytes(fn, device) -> int:
     return rss.delta
 
 
-def _loss_alone(model, batch, device, autocast) -> int:
+def _loss_alone(model, batch, device, autocast, layout) -> int:
     """Peak tensor bytes of the loss's forward and backward (the weight's gradient included) from one
     micro-batch's final hidden states; without FSDP, whose lm_head is whole only inside the forward."""
-    with autocast, loss_context(model):
+    with autocast, loss_context(layout):
         with torch.no_grad():
             hidden = model(batch["input"].to(device), head=lambda m, h, t: h)
         hidden.requires_grad_()
@@ -83,15 +85,16 @@ def _loss_alone(model, batch, device, autocast) -> int:
 
 def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int, device, losses: list[str]) -> list[dict]:
     cfg = load_config(config, overrides + [f"--parallel.tp={tp}", "--parallel.dp=-1"])
-    layout = build_layout(cfg.parallel, device.type)
+    layout = run_layout(cfg, device.type)
     dtype = compute_dtype(cfg, device)
     models = {}
     for loss in losses:  # the same initial weights
-        models[loss] = build_model(cfg.model, layout, device, cfg.train.seed, dtype)
+        models[loss] = build_model(cfg.model, layout, device, cfg.train.seed, dtype,
+                                   transforms=ModelTransforms.of(cfg.parallel))
         models[loss].use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens if loss == "fused" else 0)
     optimizers = {loss: build_optimizer(model, cfg.optim, device.type) for loss, model in models.items()}
     autocast = mixed_precision(dtype, device)
-    accum = cfg.train.grad_accum_steps
+    accum = layout.grad_accum_steps
     singles = random_micro_batches(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len,
                                    (warmup + steps + 1) * accum, seed=1000 + layout.dp_rank)
     batches = [singles[i : i + accum] for i in range(0, len(singles), accum)]
@@ -104,23 +107,23 @@ def measure(config: str, overrides: list[str], tp: int, steps: int, warmup: int,
             dist.barrier()
             start = time.perf_counter()
             step_peaks[loss].append(_peak_bytes(
-                lambda: train_step(model, optimizers[loss], micro, device, autocast, cfg.optim.grad_clip), device))
+                lambda: train_step(model, optimizers[loss], micro, device, autocast, cfg.optim.grad_clip, layout), device))
             if index >= warmup:
                 times[loss].append(time.perf_counter() - start)
     rows = []
     for loss, model in models.items():
         share = _comm_share(lambda: train_step(model, optimizers[loss], batches[-1], device, autocast,
-                                               cfg.optim.grad_clip), device)
-        loss_peak = _loss_alone(model, batches[-1][0], device, autocast) if layout.dp == 1 else float("nan")
+                                               cfg.optim.grad_clip, layout), device)
+        loss_peak = _loss_alone(model, batches[-1][0], device, autocast, layout) if layout.dp == 1 else float("nan")
         memory = torch.tensor([peak_memory_gib(device), loss_peak / 2**20,
                                statistics.median(step_peaks[loss][warmup:]) / 2**20], device=device)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-        tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * layout.dp
         median = statistics.median(times[loss])
-        tokens_per_s = tokens_per_step / median
+        tokens_per_s = layout.tokens_per_step / median
         rows.append({
             "config": config, "tp": tp, "dp": layout.dp, "world": layout.world_size, "device": str(device.type),
             "dtype": str(dtype).removeprefix("torch."), "loss": loss,
+            "micro_batches": accum,
             "loss_chunk_tokens": cfg.train.loss_chunk_tokens if loss == "fused" else 0,
             "step_s_median": median, "step_s_min": min(times[loss]), "step_s_max": max(times[loss]),
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / layout.world_size,

@@ -43,7 +43,7 @@ def main() -> None:
     cfg.optim.fused = not args.no_fused_adamw
     ours = build_model(cfg.model, seed=cfg.train.seed)
     if args.no_fused_loss:
-        ours.use_loss_path(fused_chunk=0, vocab_sharded_logits=False)
+        ours.use_loss_path(fused_chunk=0)
     if args.compile:
         compile_blocks(ours)
     hf_config = llama_config(cfg.model)
@@ -61,10 +61,10 @@ def main() -> None:
         return {"loss": model(input_ids=batch["input"], labels=batch["input"]).loss}
 
     def our_step(batch):
-        return train_step(ours, ours_opt, [batch], device, autocast, cfg.optim.grad_clip)
+        return train_step(ours, ours_opt, [batch], device, autocast, cfg.optim.grad_clip, None)
 
     def their_step(batch):
-        return train_step(theirs, theirs_opt, [batch], device, autocast, cfg.optim.grad_clip, their_loss)
+        return train_step(theirs, theirs_opt, [batch], device, autocast, cfg.optim.grad_clip, None, their_loss)
 
     results = {"ours": {"times": [], "mem": []}, "hf": {"times": [], "mem": []}}
     batches = random_micro_batches(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len,

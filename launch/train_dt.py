@@ -7,7 +7,6 @@ A restarted job resumes from the newest complete checkpoint in job.dir by itself
 """
 
 import argparse
-import logging
 import sys
 
 from argonne_dt.config import load_config
@@ -22,7 +21,6 @@ def main(run=train, description: str = __doc__) -> int:
     parser.add_argument("--config", default="tiny.toml", help="bundled config name or path to a TOML file")
     parser.add_argument("--debug", action="store_true", help="a config or data error raises with its traceback")
     args, overrides = parser.parse_known_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_reporting_user_errors(lambda: run(load_config(args.config, overrides)), args.debug)
 
 

@@ -6,11 +6,11 @@ from argonne_dt.checkpoint import (
     ModelOptimizerState,
     complete_checkpoints,
     load_checkpoint,
-    load_model,
     resolve_checkpoint,
     write_model_checkpoint,
 )
 from argonne_dt.config import Config
+from argonne_dt.inference import load_model
 from argonne_dt.model import ArgonneModel
 from conftest import odd_model_config
 

@@ -1,6 +1,6 @@
 import pytest
 
-from argonne_dt.config import ConfigError, describe_fields, load_config, validate
+from argonne_dt.config import ConfigError, describe_fields, load_config
 
 
 def test_bundled_configs_load_by_bare_name():
@@ -78,13 +78,15 @@ def test_bad_file_contents_name_the_file(tmp_path):
 
 
 def test_world_size_checks():
+    from argonne_dt.distributed import data_parallel_size
+
     cfg = load_config("4b9.toml")
-    validate(cfg, world_size=16)  # dp = 2
+    assert data_parallel_size(cfg.parallel, 16) == 2
     with pytest.raises(ConfigError, match=r"world size 12 is not divisible by parallel.tp=8"):
-        validate(cfg, world_size=12)
+        data_parallel_size(cfg.parallel, 12)
     cfg.parallel.dp = 3
     with pytest.raises(ConfigError, match=r"world size 16 must equal parallel.dp \* parallel.tp = 3 \* 8"):
-        validate(cfg, world_size=16)
+        data_parallel_size(cfg.parallel, 16)
 
 
 def test_every_field_is_documented():
@@ -116,18 +118,17 @@ def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
 
 
 def test_a_global_batch_derives_accumulation_and_refuses_what_the_layout_cannot_form():
-    from argonne_dt.config import grad_accum_steps
+    from argonne_dt.distributed import grad_accum_steps
 
     cfg = load_config("tiny.toml", ["--train.global_batch_size=8", "--train.micro_batch_size=2", "--parallel.tp=1"])
     assert [grad_accum_steps(cfg.train, dp) for dp in (1, 2, 4)] == [4, 2, 1]
-    validate(cfg, world_size=4)
     with pytest.raises(ConfigError, match=r"train.global_batch_size=8 cannot be formed on 3 dp rank\(s\) from "
                                           r"train.micro_batch_size=2: .* nearest valid global_batch_size: 6 or 12"):
-        validate(cfg, world_size=3)
+        grad_accum_steps(cfg.train, 3)
     cfg.train.grad_accum_steps = 3
     with pytest.raises(ConfigError, match=r"train.grad_accum_steps=3 contradicts train.global_batch_size=8 "
                                           r"\(which gives 2 on 2 dp rank"):
-        validate(cfg, world_size=2)
+        grad_accum_steps(cfg.train, 2)
     cfg.train.grad_accum_steps, cfg.train.global_batch_size = 3, 0  # unset: accumulation as configured
     assert grad_accum_steps(cfg.train, 3) == 3
 
@@ -151,3 +152,36 @@ def test_a_moved_key_under_both_names_is_refused_and_messages_name_the_key_writt
         load_config(path)
     path.write_text("[distill]\nchunk_tokens = 64\n")
     assert load_config(path).train.loss_chunk_tokens == 64
+
+
+def test_every_section_checks_itself_and_validate_names_the_key():
+    import dataclasses
+
+    from argonne_dt.config import Config
+
+    cfg = Config()
+    assert all(callable(getattr(getattr(cfg, f.name), "check", None)) for f in dataclasses.fields(cfg))
+    cfg.metrics.log_every = 0
+    with pytest.raises(ConfigError, match=r"metrics.log_every must be >= 1, got 0"):
+        cfg.metrics.check()
+
+
+def test_sampling_settings_that_cannot_sample_are_refused():
+    from argonne_dt.generate import SamplingConfig
+
+    for bad, key in ((dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+                     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"),
+                     (dict(repetition_penalty=0.0), "repetition_penalty")):
+        with pytest.raises(ConfigError, match=f"sampling {key} must be"):
+            SamplingConfig(**bad)
+
+
+def test_a_job_and_its_teacher_agree():
+    from argonne_dt.config import check_job
+
+    cfg = load_config("tiny.toml")
+    with pytest.raises(ConfigError, match="distill.teacher is empty"):
+        check_job(cfg, distilling=True)
+    cfg.distill.teacher = "some/teacher"
+    with pytest.raises(ConfigError, match="makes this a distillation job"):
+        check_job(cfg, distilling=False)

@@ -86,7 +86,7 @@ def _one_device(tmp: str, corpus_dir: str, global_batches: dict) -> dict:
         losses = {}
         for step, micro_batches in enumerate(steps, 1):
             losses[step] = train_step(model, optimizer, micro_batches, device, mixed_precision(dtype, device),
-                                      cfg.optim.grad_clip).loss
+                                      cfg.optim.grad_clip, None).loss
             scheduler.step()
         out[name] = {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                      "config": cfg.model, "seed": cfg.train.seed}

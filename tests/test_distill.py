@@ -79,7 +79,7 @@ def objective_terms(student, teacher, spec: DistillConfig, batch: dict, autocast
     from argonne_dt.loss import loss_context
 
     objective = DistillationObjective(teacher, spec, torch.device("cpu"))
-    with autocast or contextlib.nullcontext(), loss_context(student):
+    with autocast or contextlib.nullcontext(), loss_context(None):
         terms = objective(student, batch, torch.device("cpu"))
         terms["loss"].backward()
     return {k: v.item() for k, v in terms.items()}
@@ -116,7 +116,7 @@ def test_accumulated_halves_and_a_scaled_loss_give_the_full_batch_gradients(teac
     _, grads = reference(copy.deepcopy(student), teacher_dir, batch_of(4), 0.3, 2.0)
     objective = DistillationObjective(load_teacher(cfg, None, torch.device("cpu")), cfg.distill, torch.device("cpu"))
     halves = [{k: v[rows] for k, v in batch_of(4).items()} for rows in (slice(0, 2), slice(2, 4))]
-    accumulate_gradients(student, halves, torch.device("cpu"), contextlib.nullcontext(), objective)
+    accumulate_gradients(student, halves, torch.device("cpu"), contextlib.nullcontext(), None, objective)
     (0.5 * objective(scaled, batch_of(4), torch.device("cpu"))["loss"]).backward()
     scaled_grads = dict(scaled.named_parameters())
     for name, param in student.named_parameters():
@@ -241,7 +241,8 @@ def _parallel_cases(teacher: str) -> dict:
         full = batch_of(4, seed=5)
         local = {k: v.chunk(layout.dp)[layout.dp_rank] for k, v in full.items()}
         objective = DistillationObjective(teacher_model, cfg.distill, torch.device("cpu"))
-        terms = accumulate_gradients(student, [local], torch.device("cpu"), contextlib.nullcontext(), objective)
+        terms = accumulate_gradients(student, [local], torch.device("cpu"), contextlib.nullcontext(), layout,
+                                     objective)
         sums = torch.stack([terms[k] for k in ("loss", "ce", "kl")])
         dist.all_reduce(sums)
         one = build_model(cfg.model, None, "cpu", seed=4)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne_dt.checkpoint import load_model, write_model_checkpoint
+from argonne_dt.checkpoint import write_model_checkpoint
+from argonne_dt.inference import load_model
 from argonne_dt.config import Config, DataConfig, ModelConfig
 from argonne_dt.data import DataError
 from argonne_dt.downstream import MultipleChoiceScores, MultipleChoiceTask, Question, encode_choices, read_questions

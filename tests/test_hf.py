@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from argonne_dt.checkpoint import load_model, write_model_checkpoint
+from argonne_dt.checkpoint import write_model_checkpoint
+from argonne_dt.inference import load_model
 from argonne_dt.config import Config, ModelConfig
 from argonne_dt.generate import SamplingConfig, generate
 from argonne_dt.hf import export_hf, import_hf

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from argonne_dt.checkpoint import load_model
+from argonne_dt.inference import load_model
 from argonne_dt.downstream import MultipleChoiceTask, Question, encode_choices
 from argonne_dt.hf import export_hf
 from test_downstream import tiny_checkpoint, write_task

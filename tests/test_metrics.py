@@ -90,3 +90,19 @@ def test_the_plot_has_training_and_validation_curves_against_tokens(tmp_path):
         png = plot_losses(run)
         assert png == run / "loss_vs_tokens.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert smoothed([1.0, 2.0, 2.0]) == pytest.approx([1.0, 1.3, 1.51])
+
+
+def test_the_package_logger_speaks_on_rank_zero_and_warns_on_every_rank(capsys, monkeypatch):
+    from argonne_dt import metrics
+
+    log = metrics.logger("argonne_dt.test_logger")
+    log.info("step       1 | loss 2.0")
+    assert capsys.readouterr().out == "step       1 | loss 2.0\n"  # the console line as it is
+    monkeypatch.setattr(metrics, "is_rank_zero", lambda: False)  # another rank
+    log.info("not here")
+    log.info("a signal of this rank", extra=metrics.EVERY_RANK)
+    log.warning("this rank's bad shard")
+    log.warning("the same on every rank", extra=metrics.ONCE)
+    out, err = capsys.readouterr()
+    assert out == "a signal of this rank\n"
+    assert err == "WARNING argonne_dt.test_logger: this rank's bad shard\n"

@@ -138,7 +138,7 @@ def test_fused_lm_head_loss_equals_logits_then_cross_entropy(odd_config):
     grads, losses = [], []
     for chunk in (0, 7):  # 0: plain logits; 7 does not divide the 60 tokens
         model.zero_grad()
-        model.use_loss_path(fused_chunk=chunk, vocab_sharded_logits=False)
+        model.use_loss_path(fused_chunk=chunk)
         loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         losses.append(loss.detach())

@@ -22,7 +22,7 @@ from argonne_dt.distributed import ParallelLayout, build_layout, layout_of
 from argonne_dt.loss import cross_entropy_loss, loss_context
 from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import clip_grad_norm_
-from argonne_dt.parallelize import build_model, parallelize
+from argonne_dt.parallelize import ModelTransforms, build_model, parallelize
 from argonne_dt.step import accumulate_gradients
 from conftest import odd_model_config
 from distributed import run_distributed
@@ -70,10 +70,11 @@ def _layout(shape, parallel: ParallelConfig) -> ParallelLayout:
 
 
 def _run_case(shape, parallel_kwargs) -> dict:
-    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
+    parallel = ParallelConfig(**parallel_kwargs)
+    layout = _layout(shape, parallel)
     torch.manual_seed(0)
     reference = ArgonneModel(odd_model_config(**MODEL))
-    model = parallelize(copy.deepcopy(reference), layout)
+    model = parallelize(copy.deepcopy(reference), layout, transforms=ModelTransforms.of(parallel))
     tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     local = tokens.chunk(layout.dp)[layout.dp_rank]
 
@@ -81,7 +82,7 @@ def _run_case(shape, parallel_kwargs) -> dict:
     ref_loss.backward()
     with torch.no_grad():
         ref_local_loss = cross_entropy_loss(reference(local[:, :-1]), local[:, 1:])
-    with loss_context(model):
+    with loss_context(layout):
         loss = cross_entropy_loss(model(local[:, :-1]), local[:, 1:])
         loss.backward()
 
@@ -113,8 +114,8 @@ def _run_case(shape, parallel_kwargs) -> dict:
 
 def _bf16_dtypes(shape, parallel_kwargs) -> dict:
     """Under bf16 autocast (and bf16 FSDP gathers): matmul outputs, block inputs, master weights."""
-    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), _layout(shape, ParallelConfig(**parallel_kwargs)),
-                        param_dtype=torch.bfloat16)
+    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
+    model = parallelize(ArgonneModel(odd_model_config(**MODEL)), layout, param_dtype=torch.bfloat16)
     seen = {}
     for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
         model.get_submodule(name).register_forward_hook(
@@ -125,7 +126,7 @@ def _bf16_dtypes(shape, parallel_kwargs) -> dict:
         lambda mod, args: seen.__setitem__("residual", str(args[0].dtype)))
     model.layers[1].attn.register_forward_pre_hook(lambda mod, args: seen.__setitem__("rotary", str(args[1].dtype)))
     tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ + 1))
-    with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16), loss_context(layout):
         loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
     seen["master_weights"] = sorted({str(p.dtype) for p in model.parameters()})
@@ -136,11 +137,13 @@ def _materialize_errors(shape, parallel_kwargs) -> float:
     """Largest difference between a meta-built, shard-by-shard initialized model and a single-device init."""
     reference = ArgonneModel(odd_model_config(**MODEL))
     reference.init_weights(seed=5)
-    model = build_model(odd_model_config(**MODEL), _layout(shape, ParallelConfig(**parallel_kwargs)), "cpu", seed=5)
+    parallel = ParallelConfig(**parallel_kwargs)
+    layout = _layout(shape, parallel)
+    model = build_model(odd_model_config(**MODEL), layout, "cpu", seed=5, transforms=ModelTransforms.of(parallel))
     ref = dict(reference.named_parameters())
     worst = max((_full(p.detach()) - ref[_clean(n)]).abs().max().item() for n, p in model.named_parameters())
     tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ))
-    with torch.no_grad(), loss_context(model):
+    with torch.no_grad(), loss_context(layout):
         logits = _full(model(tokens))
     return max(worst, (logits - reference(tokens)).abs().max().item()) if model.lm_head.weight is model.embed.weight else float("inf")
 
@@ -188,7 +191,7 @@ def _accumulation(shape, parallel_kwargs) -> dict:
     for name, function in real.items():
         setattr(dist, name, counting(function))
     try:
-        accumulate_gradients(model, micro_batches, torch.device("cpu"), contextlib.nullcontext())
+        accumulate_gradients(model, micro_batches, torch.device("cpu"), contextlib.nullcontext(), layout)
     finally:
         for name, function in real.items():
             setattr(dist, name, function)
@@ -356,7 +359,7 @@ def _tie_and_norm_gradients(parallel_kwargs) -> dict:
     reference.lm_head.weight = torch.nn.Parameter(reference.embed.weight.detach().clone())
     tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     cross_entropy_loss(reference(tokens[:, :-1]), tokens[:, 1:]).backward()
-    with loss_context(model):
+    with loss_context(layout):
         cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
     embed, lm_head = model.embed.weight, model.lm_head.weight
     ref_params = dict(reference.named_parameters())

@@ -27,26 +27,19 @@ def _kept_per_layer(ac: str, sp: bool) -> dict:
     import torch.distributed as dist
 
     from argonne_dt.distributed import build_layout
-    from argonne_dt.parallelize import build_model
+    from argonne_dt.parallelize import ModelTransforms, build_model
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from argonne_dt.metrics import local_tensor
     from argonne_dt.plan import StepRecorder, group_dims
 
     tp = dist.get_world_size() if dist.is_initialized() else 1
-    layout = build_layout(ParallelConfig(tp=tp, dp=1, sequence_parallel=sp, activation_checkpoint=ac), "cpu") \
-        if tp > 1 else None
+    layout = build_layout(ParallelConfig(tp=tp, dp=1, sequence_parallel=sp), "cpu") if tp > 1 else None
     tokens = torch.randint(0, MODEL.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     followed, hooked = {}, {}
     for layers in (1, 3):
         cfg = replace(MODEL, num_layers=layers)
-        if layout is None:
-            from argonne_dt.parallelize import apply_activation_checkpointing
-
-            model = build_model(cfg, seed=0)
-            apply_activation_checkpointing(model, ac, 0)
-        else:
-            model = build_model(cfg, layout, seed=0)
+        model = build_model(cfg, layout, seed=0, transforms=ModelTransforms(activation_checkpoint=ac))
         recorder = StepRecorder(group_dims(layout) if layout else {}, model.parameters())
         saved = {}
 
@@ -102,19 +95,20 @@ def _counted_step(tp: int, dp: int, ac: str, micro_batches: int) -> dict:
     from argonne_dt.distributed import build_layout, mixed_precision
     from argonne_dt.optim import build_optimizer
     from argonne_dt.config import OptimConfig
-    from argonne_dt.parallelize import build_model
+    from argonne_dt.parallelize import ModelTransforms, build_model
     from argonne_dt.plan import StepRecorder, group_dims
     from argonne_dt.step import train_step
 
-    layout = build_layout(ParallelConfig(tp=tp, dp=dp, activation_checkpoint=ac), "cpu")
-    model = build_model(replace(MODEL, num_layers=2), layout, seed=0, param_dtype=torch.bfloat16)
+    layout = build_layout(ParallelConfig(tp=tp, dp=dp), "cpu")
+    model = build_model(replace(MODEL, num_layers=2), layout, seed=0, param_dtype=torch.bfloat16,
+                        transforms=ModelTransforms(activation_checkpoint=ac))
     optimizer = build_optimizer(model, OptimConfig(), "cpu")
     window = torch.randint(0, MODEL.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(layout.dp_rank))
     batches = [{"input": window[:, :-1], "target": window[:, 1:]}] * micro_batches
     recorder = StepRecorder(group_dims(layout))
     cpu = torch.device("cpu")
     with recorder:
-        train_step(model, optimizer, batches, cpu, mixed_precision(torch.bfloat16, cpu), 1.0)
+        train_step(model, optimizer, batches, cpu, mixed_precision(torch.bfloat16, cpu), 1.0, layout)
     return dict(recorder.collectives)
 
 

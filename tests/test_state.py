@@ -105,7 +105,7 @@ def _optimizer_round_trip(job_dir: str, mesh_shape: tuple[int, int]) -> dict:
     for rows in tokens:
         local = rows.chunk(layout.dp)[layout.dp_rank]
         train_step(model, optimizer, [{"input": local[:, :-1], "target": local[:, 1:]}], torch.device("cpu"),
-                   contextlib.nullcontext(), 1.0)
+                   contextlib.nullcontext(), 1.0, layout)
     saved = Checkpointer(job_dir, 0, False, ModelOptimizerState(model, optimizer), {}).save(3, cfg.to_dict())
     fresh = build_model(cfg.model, layout, "cpu")
     fresh_optimizer = build_optimizer(fresh, cfg.optim, "cpu")
@@ -137,7 +137,7 @@ def _global_cross_entropy(model, batches: list[dict]) -> float:
 
 
 def test_dp2_logged_step_and_held_out_losses_are_one_devices_over_the_global_batch(runs, corpus):
-    from argonne_dt.checkpoint import load_model
+    from argonne_dt.inference import load_model
 
     tmp, per_rank = runs
     rank0, rank1 = (r["full"] for r in per_rank)

@@ -48,7 +48,7 @@ def _distillation_steps(teacher_dir: str) -> dict:
     for seed in (5, 6):
         local = {k: v.chunk(layout.dp)[layout.dp_rank] for k, v in batch_of(ROWS, seed=seed).items()}
         result = train_step(student, optimizer, [local], torch.device("cpu"), contextlib.nullcontext(),
-                            cfg.optim.grad_clip, objective)
+                            cfg.optim.grad_clip, layout, objective)
         out["steps"].append({"losses": result.losses, "sharded": _blocks_sharded(teacher),
                              "local_elements": _teacher_local_elements(teacher)})
     return out

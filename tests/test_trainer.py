@@ -364,7 +364,7 @@ def test_samples_and_validation_are_logged_during_training(tp2_runs):
 def test_validation_of_a_checkpoint_equals_the_direct_loss(tp2_runs, corpus):
     from dataclasses import replace
 
-    from argonne_dt.checkpoint import load_model
+    from argonne_dt.inference import load_model
     from argonne_dt.data import batches_for
     from argonne_dt.evaluation import evaluate_checkpoint
     from argonne_dt.loss import cross_entropy_loss
