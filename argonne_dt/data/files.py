@@ -6,7 +6,6 @@ Nothing here knows of ranks or shares: ``shares.py`` plans over these files, ``n
 from __future__ import annotations
 
 import glob as globlib
-import logging
 import os
 import re
 import time
@@ -14,7 +13,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-log = logging.getLogger(__name__)
+from ..metrics import logger
+
+log = logger(__name__)
 
 
 class DataError(RuntimeError):

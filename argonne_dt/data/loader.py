@@ -18,9 +18,12 @@ import torch.distributed as dist
 from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, Prefetcher
 
 from ..config import DataConfig
+from ..metrics import logger
 from .files import DataError
 from .nodes import ParquetDocumentReader, QualityFilterTokenizer, TokenPacker
 from .shares import Resumption, SharePlan, reshard_positions, shared_plan
+
+log = logger(__name__)
 
 
 def _pinned() -> bool:
@@ -183,11 +186,10 @@ class TensorParallelBatches:
         old_plan = shared_plan(self.cfg, saved, self.held_out)
         resumptions = reshard_positions([state[f"dp_rank_{rank}"] for rank in range(saved)], old_plan,
                                         self.plan.dp_size)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            rows = sum(s.stop - s.start for r in resumptions for s in r.carryover)
-            print(f"data: positions saved by {saved} dp rank(s), continuing on {self.plan.dp_size}: the "
-                  f"{rows} rows owed up to epoch {resumptions[0].epoch} and "
-                  f"{sum(len(r.pending) for r in resumptions)} packed tokens are dealt anew", flush=True)
+        rows = sum(s.stop - s.start for r in resumptions for s in r.carryover)
+        log.info("data: positions saved by %d dp rank(s), continuing on %d: the %d rows owed up to epoch %d and "
+                 "%d packed tokens are dealt anew", saved, self.plan.dp_size, rows, resumptions[0].epoch,
+                 sum(len(r.pending) for r in resumptions))
         self.loader = self._loader(resumptions[self.dp_rank])
 
 
