@@ -259,7 +259,7 @@ class DistillConfig:
     teacher_dtype: str = _doc("the teacher's weights and matmuls: bf16, fp32, or auto (bf16 where native, as "
                               "train.dtype)", default="bf16")
     teacher_fsdp: bool = _doc("shard the teacher's blocks over dp with FSDP2 (when it does not fit replicated; "
-                              "benchmarks/plan.py --teacher tells)", default=False)
+                              "benchmarks/memory_plan.py --teacher tells)", default=False)
 
     def check(self) -> None:
         require(0.0 <= self.alpha <= 1.0, f"distill.alpha={self.alpha} must be between 0 and 1")

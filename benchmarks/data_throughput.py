@@ -2,7 +2,7 @@
 
     python benchmarks/data_throughput.py [--workers 1 2 4] [--tokens 2000000] [--json out.json]
 
-Compared with what 4b9 on 8 x A100 80GB consumes in the planner's predicted layout (``argonne_dt.plan``:
+Compared with what 4b9 on 8 x A100 80GB consumes in the planner's predicted layout (``argonne_dt.memory_plan``:
 FSDP2 over 8 GPUs, no checkpointing, micro-batch 2): about 43K tokens/s.
 """
 
@@ -13,7 +13,7 @@ from common import emit_json
 
 from argonne_dt.config import DataConfig
 from argonne_dt.data import batches_for
-from argonne_dt.plan import plan
+from argonne_dt.memory_plan import plan
 
 
 def consumption_rate_4b9() -> float:

@@ -15,7 +15,7 @@ one starts. The outer ``timeout`` of ``gpu_check.sh`` bounds the whole run. Chec
   reason, where no C compiler is found: inductor needs one);
 - ``memory_<mode>``: the peak of a training step of ``--layers`` 4b9 blocks at the real vocabulary
   for each checkpoint mode, above the weights and optimizer state, against the planner's
-  (``argonne_dt.plan``: gradients, measured activations, autocast copies, the loss's transient);
+  (``argonne_dt.memory_plan``: gradients, measured activations, autocast copies, the loss's transient);
 - ``step_time``: the step's time against the planner's compute time at the assumed matmul efficiency
   (the measured efficiency is printed);
 - ``collectives``: with more than one GPU, all-gather and reduce-scatter bus bandwidth over NVLink
@@ -150,7 +150,7 @@ def check_dcp(cfg, device, batch, seq, asynchronous: bool) -> dict:
 
 def _planned_step_bytes(cfg, ac: str, batch: int, seq: int, device: torch.device) -> dict:
     """What the planner says a one-device step of ``cfg`` holds above weights and AdamW state."""
-    from argonne_dt.plan import local_parameter_count, measured_activations
+    from argonne_dt.memory_plan import local_parameter_count, measured_activations
 
     m = cfg.model
     acts = measured_activations(m, 1, False, ac, batch, seq, device.type)
@@ -193,7 +193,7 @@ def check_memory(cfg, device, batch, seq, ac: str) -> dict:
 
 
 def check_step_time(cfg, device, batch: int, seq: int, steps: int, gpu: str | None) -> dict:
-    from argonne_dt.plan import GPUS
+    from argonne_dt.memory_plan import GPUS
     from argonne_dt.metrics import peak_flops
 
     model = build_model(cfg.model, device=device, seed=0)
@@ -254,7 +254,7 @@ def check_collectives(device, gpu: str | None) -> dict:
     import socket
 
     import torch.multiprocessing as mp
-    from argonne_dt.plan import GPUS
+    from argonne_dt.memory_plan import GPUS
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -274,7 +274,7 @@ def check_collectives(device, gpu: str | None) -> dict:
 
 
 def planned_name(device) -> str | None:
-    """The planner's name (``argonne_dt.plan.GPUS``) of this GPU, or None for one it does not know."""
+    """The planner's name (``argonne_dt.memory_plan.GPUS``) of this GPU, or None for one it does not know."""
     name = torch.cuda.get_device_name(device).lower()
     memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     for family in ("h200", "h100", "a100"):
@@ -338,7 +338,7 @@ def _report(name: str, result: dict, started: float, budget_s: float) -> dict:
 
 
 def main() -> None:
-    from argonne_dt.plan import GPUS
+    from argonne_dt.memory_plan import GPUS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", choices=sorted(GPUS), help="the planner's name of this GPU (default: from its name)")

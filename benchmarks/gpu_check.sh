@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-GPU check (needs a GPU machine; never in CI): the CUDA paths the CPU tests cannot reach, and
-# what argonne_dt/plan.py predicts for this GPU (peak memory per checkpoint mode, step time against the
+# what argonne_dt/memory_plan.py predicts for this GPU (peak memory per checkpoint mode, step time against the
 # assumed matmul efficiency, collective bandwidth with more than one GPU) and the attention kernels
 # (benchmarks/gpu_attention_check.py). About 5 to 7 minutes on one H200.
 # Runs in the repository root with the machine's own python3 and torch; nothing else is installed.

@@ -66,7 +66,7 @@ def per_rank(teacher_dir) -> list[dict]:
 
 def test_an_fsdp_teacher_stays_sharded_after_its_forward_as_the_planner_counts(per_rank, teacher_dir):
     from argonne_dt.distill import hf_teacher_config
-    from argonne_dt.plan import local_parameter_count
+    from argonne_dt.memory_plan import local_parameter_count
     from pathlib import Path
 
     cfg = student_config(teacher_dir, teacher_fsdp=True)

@@ -1,12 +1,12 @@
 """Every layout of a run that fits the GPUs, fastest first, with memory, predicted tokens/s, MFU and
 days for the token budget; or one layout in detail.
 
-    python benchmarks/plan.py --config 4b9.toml --gpus 8 --gpu a100-80gb
-    python benchmarks/plan.py --config 4b9.toml --gpus 64 --gpu h100-80gb --json plan.json
-    python benchmarks/plan.py --config 4b9.toml --gpus 8 --gpu a100-80gb --teacher qwen2.5-14b
-    python benchmarks/plan.py --config 4b9.toml --tp 8 --dp 1 --micro-batch 4 --ac full   # one layout
+    python benchmarks/memory_plan.py --config 4b9.toml --gpus 8 --gpu a100-80gb
+    python benchmarks/memory_plan.py --config 4b9.toml --gpus 64 --gpu h100-80gb --json plan.json
+    python benchmarks/memory_plan.py --config 4b9.toml --gpus 8 --gpu a100-80gb --teacher qwen2.5-14b
+    python benchmarks/memory_plan.py --config 4b9.toml --tp 8 --dp 1 --micro-batch 4 --ac full   # one layout
 
-Memory is measured (see ``argonne_dt/plan.py``): parameters from the parallelized model's shards,
+Memory is measured (see ``argonne_dt/memory_plan.py``): parameters from the parallelized model's shards,
 activations from a block's step at the planned shape, the loss's transient from its own code path.
 Communication is the closed form tested against a real step's collectives. Step time = FLOPs at
 the GPU's stated matmul efficiency + tensor-parallel collectives (exposed) + what FSDP2's
@@ -18,7 +18,7 @@ import argparse
 
 from common import emit_json
 
-from argonne_dt.plan import GPUS, QWEN25_TEACHERS, RESERVE, layouts, plan
+from argonne_dt.memory_plan import GPUS, QWEN25_TEACHERS, RESERVE, layouts, plan
 
 
 def _assumptions(gpu: str) -> str:

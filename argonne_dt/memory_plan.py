@@ -1,5 +1,5 @@
 """The plan of a run on GPUs this machine does not have: memory per GPU, communication per step,
-predicted step time, and the layouts ranked (the command line is ``benchmarks/plan.py``).
+predicted step time, and the layouts ranked (the command line is ``benchmarks/memory_plan.py``).
 
 No byte of activation memory comes from a formula written by hand:
 

@@ -3,7 +3,7 @@ time composed from measured and counted parts, layouts ranked."""
 
 import pytest
 
-from argonne_dt.plan import GPUS, plan
+from argonne_dt.memory_plan import GPUS, plan
 
 
 @pytest.mark.parametrize("tp, dp", [(8, 1), (4, 2)])
@@ -34,7 +34,7 @@ def test_a_too_big_batch_does_not_fit():
 def test_distillation_plans_add_the_teacher_and_refuse_what_tp_cannot_split():
     from argonne_dt.config import load_config
     from argonne_dt.parallelize import build_model
-    from argonne_dt.plan import teacher_model
+    from argonne_dt.memory_plan import teacher_model
 
     seven = plan("4b9.toml", 8, 1, "a100-80gb", 4, None, "full", teacher="qwen2.5-7b")
     assert not seven["fits"] and "must divide model.num_kv_heads=4" in seven["teacher_reason"]
@@ -55,7 +55,7 @@ def test_distillation_plans_add_the_teacher_and_refuse_what_tp_cannot_split():
 
 
 def test_layouts_are_ranked_fastest_first_and_all_fit():
-    from argonne_dt.plan import layouts
+    from argonne_dt.memory_plan import layouts
 
     rows = layouts("tiny.toml", 4, "a100-40gb")
     assert rows and all(r["fits"] and r["tp"] * r["dp"] == 4 for r in rows)
@@ -65,7 +65,7 @@ def test_layouts_are_ranked_fastest_first_and_all_fit():
 
 
 def test_exposed_fsdp_time_by_hand():
-    from argonne_dt.plan import fsdp_exposed_seconds
+    from argonne_dt.memory_plan import fsdp_exposed_seconds
 
     # Two micro-batches of 1 s compute, 2 s of gathers each (0.25 s of them first, with nothing to
     # overlap): 0.25 + (2 - 0.25 - 1) exposed per micro-batch. The step's 3 s reduce-scatter hides
@@ -82,7 +82,7 @@ def test_distillation_counts_the_teachers_collectives():
     from dataclasses import replace
 
     from argonne_dt.config import ModelConfig
-    from argonne_dt.plan import _local_tensor_shapes, _padded, collective_bytes
+    from argonne_dt.memory_plan import _local_tensor_shapes, _padded, collective_bytes
 
     student = ModelConfig(vocab_size=1001, hidden_size=240, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=40)
     teacher = replace(student, hidden_size=320, num_layers=3, num_heads=8, head_dim=40, attention_bias=True,

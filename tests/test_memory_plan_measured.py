@@ -31,7 +31,7 @@ def _kept_per_layer(ac: str, sp: bool) -> dict:
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from argonne_dt.metrics import local_tensor
-    from argonne_dt.plan import StepRecorder, group_dims
+    from argonne_dt.memory_plan import StepRecorder, group_dims
 
     tp = dist.get_world_size() if dist.is_initialized() else 1
     layout = build_layout(ParallelConfig(tp=tp, dp=1, sequence_parallel=sp), "cpu") if tp > 1 else None
@@ -61,7 +61,7 @@ def _kept_per_layer(ac: str, sp: bool) -> dict:
 
 
 def _planned(tp: int, sp: bool) -> dict:
-    from argonne_dt.plan import measured_activations
+    from argonne_dt.memory_plan import measured_activations
 
     return {ac: measured_activations(MODEL, tp, sp, ac, BATCH, SEQ).block_kept for ac in MODES}
 
@@ -96,7 +96,7 @@ def _counted_step(tp: int, dp: int, ac: str, micro_batches: int) -> dict:
     from argonne_dt.optim import build_optimizer
     from argonne_dt.config import OptimConfig
     from argonne_dt.parallelize import ModelTransforms, build_model
-    from argonne_dt.plan import StepRecorder, group_dims
+    from argonne_dt.memory_plan import StepRecorder, group_dims
     from argonne_dt.step import train_step
 
     layout = build_layout(ParallelConfig(tp=tp, dp=dp), "cpu")
@@ -115,7 +115,7 @@ def _counted_step(tp: int, dp: int, ac: str, micro_batches: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp, dp, ac", [(2, 1, "full"), (1, 2, "none"), (2, 2, "selective")])
 def test_collective_bytes_of_a_real_step_equal_the_closed_form(tp, dp, ac):
-    from argonne_dt.plan import collective_bytes
+    from argonne_dt.memory_plan import collective_bytes
 
     counted = run_distributed(_counted_step, tp * dp, tp, dp, ac, 2)
     expected = collective_bytes(replace(MODEL, num_layers=2), tp, dp, ac, BATCH, SEQ, micro_batches=2)
@@ -132,7 +132,7 @@ def test_the_measured_loss_transient_agrees_with_the_loss_modules_count(tokens):
 
     from argonne_dt.config import load_config
     from argonne_dt.loss import fused_loss_bytes
-    from argonne_dt.plan import measured_activations
+    from argonne_dt.memory_plan import measured_activations
 
     m = load_config("4b9.toml").model
     measured = measured_activations(m, 1, False, "full", 1, tokens)
@@ -147,7 +147,7 @@ def test_measured_figures_do_not_depend_on_what_the_process_measured_before():
     from dataclasses import astuple
 
     from argonne_dt.config import load_config
-    from argonne_dt.plan import _measure
+    from argonne_dt.memory_plan import _measure
 
     m = load_config("4b9.toml").model
     measure = _measure.__wrapped__  # past the cache: each call measures
@@ -163,7 +163,7 @@ def test_the_planned_loss_is_the_gpus_whatever_this_cpu_does_in_bf16():
     from unittest import mock
 
     from argonne_dt import loss
-    from argonne_dt.plan import _measure_loss
+    from argonne_dt.memory_plan import _measure_loss
 
     m = replace(MODEL, vocab_size=151_665)
     measure = _measure_loss.__wrapped__
