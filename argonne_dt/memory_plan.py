@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
-from .config import ConfigError, ModelConfig, ParallelConfig, check_tp_divides, load_config
-from .distributed import build_layout, sequence_parallel_in_effect
+from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_tp_divides, load_config
+from .distributed import build_layout, grad_accum_steps, sequence_parallel_in_effect
 from .metrics import PEAK_BF16_FLOPS, PeakTensorBytes, local_tensor
 from .parallelize import ModelTransforms, build_model
 
@@ -569,6 +569,70 @@ def fsdp_exposed_seconds(gather_s: float, scatter_s: float, in_line_s: float, fi
     return gathers + scatter + in_line_s
 
 
+def _sequences_per_step(train: TrainConfig) -> int:
+    """The planned step's sequences: ``train.global_batch_size``, else micro_batch_size x grad_accum_steps."""
+    return train.global_batch_size or train.micro_batch_size * train.grad_accum_steps
+
+
+def _micro_batches(train: TrainConfig, micro_batch: int, dp: int) -> int:
+    """Micro-batches per dp rank of the planned step at ``micro_batch`` sequences on ``dp`` ranks, as
+    the layout divides a global batch (``distributed.grad_accum_steps``)."""
+    step = replace(train, micro_batch_size=micro_batch, grad_accum_steps=1, global_batch_size=_sequences_per_step(train))
+    return grad_accum_steps(step, dp)
+
+
+def _planned_memory(m: ModelConfig, params: int, acts: ActivationBytes, tp: int, dp: int, reshard: bool,
+                    micro_batch: int, seq: int, micro_batches: int) -> dict[str, float]:
+    """Bytes per GPU of a step, by what holds them (the teacher's are added by ``plan``)."""
+    memory = {"parameters_fp32": 4 * params, "gradients_fp32": 4 * params, "adamw_state_fp32": 8 * params,
+              "activations_kept": acts.embedding_kept + m.num_layers * acts.block_kept,
+              "transient_peak": max(acts.block_backward_peak, acts.loss_peak)}
+    if dp == 1:  # autocast's bf16 weight copies live from a block's forward to the end of its backward
+        memory["autocast_weight_copies"] = m.num_layers * acts.weight_copies_per_block
+    else:  # FSDP2 gathers bf16 weights: the root's for the whole step, two blocks at a time (or all kept)
+        blocks_gathered = 2 if reshard else m.num_layers
+        root_shapes = _local_tensor_shapes(m, tp)[1]
+        memory["fsdp_gathered_bf16"] = 2 * (blocks_gathered * block_parameters(m, tp)
+                                            + sum(r * c for r, c in root_shapes))
+        if micro_batches > 1:
+            memory["fsdp_accumulated_gradients"] = m.num_layers * measured_fsdp_retained(astuple(m), tp, micro_batch, seq)
+    return memory
+
+
+def _reserve(memory: dict[str, float], tp: int, dp: int, gpu_spec: Gpu) -> dict[str, float]:
+    """What the process holds besides tensors: CUDA context, cuBLAS workspaces, NCCL buffers, slack."""
+    communicators = (tp > 1) + (dp > 1) + (tp > 1 and dp > 1)  # tp, dp and the world group
+    reserve = {"cuda_context": RESERVE["cuda_context_gib"] * GIB, "cublas_workspace": RESERVE["cublas_workspace_gib"] * GIB,
+               "nccl_buffers": communicators * gpu_spec.nccl_buffers_gib * GIB}
+    reserve["allocator_slack"] = ALLOCATOR_SLACK * (sum(memory.values()) + sum(reserve.values()))
+    return reserve
+
+
+def _step_seconds(m: ModelConfig, counts: Counter, tp: int, dp: int, gpu_spec: Gpu, compute_s: float,
+                  last_backward_s: float, micro_batches: int) -> dict[str, float]:
+    """The step's time on one GPU: compute, the tp collectives (exposed: DTensor runs them in line
+    with the compute), FSDP2's collectives and what compute leaves of them exposed."""
+    nvlink = gpu_spec.nvlink_bytes_per_s * gpu_spec.link_efficiency
+    dp_link = nvlink if tp * dp <= gpu_spec.per_node else gpu_spec.network_bytes_per_s * gpu_spec.link_efficiency
+    tp_s = _ring_seconds(counts, "tp", tp, nvlink)
+    dp_s = _ring_seconds(counts, "dp", dp, dp_link)
+    exposed_dp_s = 0.0
+    if dp > 1:
+        def seconds(collective, size):
+            return _ring_seconds(Counter({(collective, "dp"): size}), "dp", dp, dp_link)
+
+        block_shapes, root_shapes = _local_tensor_shapes(m, tp)
+        exposed_dp_s = fsdp_exposed_seconds(
+            gather_s=seconds("all_gather", counts[("all_gather", "dp")]),
+            scatter_s=seconds("reduce_scatter", counts[("reduce_scatter", "dp")]),
+            in_line_s=seconds("all_reduce", counts[("all_reduce", "dp")]),
+            first_gather_s=seconds("all_gather", 2 * (_padded(root_shapes, dp) + _padded(block_shapes, dp))),
+            last_scatter_s=seconds("reduce_scatter", 4 * _padded(root_shapes, dp)),
+            compute_s=compute_s, last_backward_s=last_backward_s, micro_batches=micro_batches)
+    return {"compute_s": compute_s, "tp_comm_s": tp_s, "dp_comm_s": dp_s, "exposed_dp_comm_s": exposed_dp_s,
+            "step_s": compute_s + tp_s + exposed_dp_s}
+
+
 def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | None, ac: str,
          teacher: str | None = None, teacher_fsdp: bool = False) -> dict:
     """Per-GPU memory, communication and predicted step time of a run with tensor parallelism
@@ -577,11 +641,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
     cfg = load_config(config)
     m, gpu_spec = cfg.model, GPUS[gpu]
     seq = seq or cfg.data.seq_len
-    sequences = cfg.train.global_batch_size or cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    micro_batches = sequences // (micro_batch * dp)
-    if micro_batches < 1 or sequences % (micro_batch * dp):
-        raise ConfigError(f"{sequences} sequences per step (train.global_batch_size) cannot be split into "
-                          f"micro-batches of {micro_batch} on {dp} dp ranks")
+    sequences, micro_batches = _sequences_per_step(cfg.train), _micro_batches(cfg.train, micro_batch, dp)
     check_tp_divides(m, tp)
     params = local_parameter_count(m, cfg.parallel, tp, dp)
     expected = closed_form_parameters(m, tp, dp)
@@ -589,18 +649,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
         raise AssertionError(f"meta-device shards hold {params:,} parameters, the closed form says {expected:,}")
     reshard = tp * dp <= gpu_spec.per_node  # parallelize.reshard_after_forward's "auto": dp within a node
     acts = measured_activations(m, tp, True, ac, micro_batch, seq)
-    memory = {"parameters_fp32": 4 * params, "gradients_fp32": 4 * params, "adamw_state_fp32": 8 * params,
-              "activations_kept": acts.embedding_kept + m.num_layers * acts.block_kept,
-              "transient_peak": max(acts.block_backward_peak, acts.loss_peak)}
-    block_shapes, root_shapes = _local_tensor_shapes(m, tp)
-    if dp == 1:  # autocast's bf16 weight copies live from a block's forward to the end of its backward
-        memory["autocast_weight_copies"] = m.num_layers * acts.weight_copies_per_block
-    else:  # FSDP2 gathers bf16 weights: the root's for the whole step, two blocks at a time (or all kept)
-        blocks_gathered = 2 if reshard else m.num_layers
-        memory["fsdp_gathered_bf16"] = 2 * (blocks_gathered * block_parameters(m, tp)
-                                            + sum(r * c for r, c in root_shapes))
-        if micro_batches > 1:
-            memory["fsdp_accumulated_gradients"] = m.num_layers * measured_fsdp_retained(astuple(m), tp, micro_batch, seq)
+    memory = _planned_memory(m, params, acts, tp, dp, reshard, micro_batch, seq, micro_batches)
     flops_per_token = _flops_per_token(astuple(m), seq)
     forward_per_token = flops_per_token / 3  # forward: a third of forward + backward
     # Recomputation: full checkpointing runs each block's forward again (a third of its share of the
@@ -621,36 +670,15 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
             forward_per_token += extra["flops_per_token"]
             teacher_shape = teacher_model(teacher, m)
             distilling["teacher_local_parameters"] = extra["local_parameters"]
-    communicators = (tp > 1) + (dp > 1) + (tp > 1 and dp > 1)  # tp, dp and the world group
-    reserve = {"cuda_context": RESERVE["cuda_context_gib"] * GIB, "cublas_workspace": RESERVE["cublas_workspace_gib"] * GIB,
-               "nccl_buffers": communicators * gpu_spec.nccl_buffers_gib * GIB}
-    reserve["allocator_slack"] = ALLOCATOR_SLACK * (sum(memory.values()) + sum(reserve.values()))
+    reserve = _reserve(memory, tp, dp, gpu_spec)
     total = sum(memory.values()) + sum(reserve.values())
 
-    # Time of one optimizer step on one GPU.
-    step_tokens = sequences * seq
-    gpus = tp * dp
+    step_tokens, gpus = sequences * seq, tp * dp
     compute_s = step_tokens * executed_per_token / gpus / (gpu_spec.peak_flops * gpu_spec.matmul_efficiency)
     counts = collective_bytes(m, tp, dp, ac, micro_batch, seq, micro_batches, reshard, teacher_shape, teacher_fsdp)
-    nvlink = gpu_spec.nvlink_bytes_per_s * gpu_spec.link_efficiency
-    dp_link = nvlink if gpus <= gpu_spec.per_node else gpu_spec.network_bytes_per_s * gpu_spec.link_efficiency
-    tp_s = _ring_seconds(counts, "tp", tp, nvlink)  # DTensor runs them in line with the compute: exposed
-    dp_s = _ring_seconds(counts, "dp", dp, dp_link)
-    exposed_dp_s = 0.0
-    if dp > 1:
-        def seconds(collective, size):
-            return _ring_seconds(Counter({(collective, "dp"): size}), "dp", dp, dp_link)
-
-        exposed_dp_s = fsdp_exposed_seconds(
-            gather_s=seconds("all_gather", counts[("all_gather", "dp")]),
-            scatter_s=seconds("reduce_scatter", counts[("reduce_scatter", "dp")]),
-            in_line_s=seconds("all_reduce", counts[("all_reduce", "dp")]),
-            first_gather_s=seconds("all_gather", 2 * (_padded(root_shapes, dp) + _padded(block_shapes, dp))),
-            last_scatter_s=seconds("reduce_scatter", 4 * _padded(root_shapes, dp)),
-            compute_s=compute_s, last_backward_s=compute_s / micro_batches * (1 - forward_per_token / executed_per_token),
-            micro_batches=micro_batches)
-    step_s = compute_s + tp_s + exposed_dp_s
-    tokens_per_s = step_tokens / step_s
+    last_backward_s = compute_s / micro_batches * (1 - forward_per_token / executed_per_token)
+    times = _step_seconds(m, counts, tp, dp, gpu_spec, compute_s, last_backward_s, micro_batches)
+    tokens_per_s = step_tokens / times["step_s"]
     budget = cfg.train.steps * step_tokens if cfg.train.steps else TOKEN_BUDGET
     fits = total <= gpu_spec.memory_gib * GIB and distilling.get("teacher_runs", True)
     return {
@@ -661,8 +689,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
         "activations_per_layer_gib": acts.block_kept / GIB, "loss_chunk": acts.loss_chunk,
         "total_gib": total / GIB, "gpu_gib": gpu_spec.memory_gib, "fits": fits,
         "collective_bytes": {f"{kind}/{dim}": size for (kind, dim), size in sorted(counts.items())},
-        "compute_s": compute_s, "tp_comm_s": tp_s, "dp_comm_s": dp_s, "exposed_dp_comm_s": exposed_dp_s,
-        "step_s": step_s, "predicted_tokens_per_s": tokens_per_s,
+        **times, "predicted_tokens_per_s": tokens_per_s,
         "mfu": flops_per_token * tokens_per_s / (gpus * gpu_spec.peak_flops),
         "token_budget": budget, "predicted_days": budget / tokens_per_s / 86400,
         "assumptions": {"matmul_efficiency": gpu_spec.matmul_efficiency, "nvlink_GBps": gpu_spec.nvlink_bytes_per_s / 1e9,
@@ -675,7 +702,7 @@ def layouts(config: str, gpus: int, gpu: str, teacher: str | None = None, teache
     """Every layout of ``gpus`` GPUs (tp within a node x dp, checkpoint mode, micro-batch) that fits,
     fastest first (then the least memory)."""
     cfg = load_config(config)
-    sequences = cfg.train.global_batch_size or cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    sequences = _sequences_per_step(cfg.train)
     rows = []
     for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and t <= GPUS[gpu].per_node):
         try:
