@@ -1,23 +1,16 @@
-import random
-import weakref
-from types import SimpleNamespace
+"""Fixtures used by several test files, and the hook that marks distributed and end-to-end tests slow.
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+Helpers the tests import live in ``tests/helpers/``."""
+
+from pathlib import Path
+
 import pytest
 import torch
 
 from argonne_dt.config import ModelConfig
-
-
-def odd_model_config(**overrides) -> ModelConfig:
-    """Small, with the awkward sizes of the real model: head_dim not a power of two, vocab odd."""
-    values = dict(
-        vocab_size=1001, hidden_size=136, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=34,
-        intermediate_size=0, max_seq_len=64, init_std=0.05,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
+from helpers.documents import documents, write_parquet
+from helpers.models import odd_model_config
+from helpers.teachers import write_qwen2_teacher
 
 
 def pytest_collection_modifyitems(items):
@@ -37,42 +30,36 @@ def _deterministic():
     torch.manual_seed(0)
 
 
-WORDS = "the model reads packed tokens from parquet shards and every rank sees its own part of data".split()
+@pytest.fixture
+def shards(tmp_path):
+    """Three files of 40, 25 and 33 documents in row groups of 8 (mid-file and mid-group cuts exist)."""
+    docs = documents(98)
+    files = [
+        write_parquet(tmp_path / "part-2.parquet", docs[:40]),
+        write_parquet(tmp_path / "part-10.parquet", docs[65:]),
+        write_parquet(tmp_path / "part-3.parquet", docs[40:65]),
+    ]
+    return files, docs
 
 
-def documents(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"doc{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 120))) for i in range(count)]
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """The training runs' corpus (read only), with ``-heldout`` and ``-single-row-group`` directories beside it."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_parquet(root / "part-0.parquet", documents(60, seed=1), row_group_size=8)
+    write_parquet(root / "part-1.parquet", documents(50, seed=2), row_group_size=8)
+    heldout = Path(f"{root}-heldout")
+    heldout.mkdir()
+    write_parquet(heldout / "part-0.parquet", documents(20, seed=3), row_group_size=8)
+    # As pandas and pyarrow write by default: one row group per file.
+    single = Path(f"{root}-single-row-group")
+    single.mkdir()
+    for index in range(3):
+        write_parquet(single / f"part-{index}.parquet", documents(30, seed=10 + index), row_group_size=30)
+    return str(root)
 
 
-def write_parquet(path, texts, row_group_size=8, binary=False):
-    column_type = pa.binary() if binary else pa.string()
-    table = pa.table({"text": pa.array(texts, type=column_type), "id": [str(i) for i in range(len(texts))]})
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return str(path)
-
-
-def dp_layout(dp_rank: int, dp: int, reads_data: bool = True, tp_group=None) -> SimpleNamespace:
-    """What ``batches_for`` asks of a layout, in one process: dp rank ``dp_rank`` of ``dp``, which reads."""
-    return SimpleNamespace(dp_rank=dp_rank, dp=dp, reads_data=reads_data, tp_group=tp_group)
-
-
-def record_documents(monkeypatch, record) -> None:
-    """Call ``record(packer, document)`` for every document a ``TokenPacker`` made from now on takes.
-
-    Only packers made after this call count: an earlier test's prefetching thread may still pull
-    from its own."""
-    from argonne_dt.data import TokenPacker
-
-    ours = weakref.WeakSet()
-    real_init, real_next = TokenPacker.__init__, TokenPacker._next_document
-    monkeypatch.setattr(TokenPacker, "__init__",
-                        lambda self, *args, **kwargs: (ours.add(self), real_init(self, *args, **kwargs))[1])
-
-    def recording(self):
-        doc = real_next(self)
-        if self in ours:
-            record(self, doc)
-        return doc
-
-    monkeypatch.setattr(TokenPacker, "_next_document", recording)
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> str:
+    """A small random Qwen2 teacher (read only) in Hugging Face's layout."""
+    return write_qwen2_teacher(tmp_path_factory.mktemp("qwen2"))

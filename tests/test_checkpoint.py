@@ -12,7 +12,7 @@ from argonne_dt.checkpoint import (
 from argonne_dt.config import Config
 from argonne_dt.inference import load_model
 from argonne_dt.model import ArgonneModel
-from conftest import odd_model_config
+from helpers.models import odd_model_config
 
 
 def _config(**model) -> Config:

@@ -10,47 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from argonne_dt.config import DataConfig
 from argonne_dt.corpus import FINEWEB_SCHEMA, convert_to_shards, sample_corpus
-from argonne_dt.data import (
-    DataError,
-    ParquetDocumentReader,
-    Position,
-    QualityFilterTokenizer,
-    TextBatch,
-    batches_for,
-    expand_paths,
-    plan_shares,
-    share_loader,
-)
+from argonne_dt.data import (DataError, Position, QualityFilterTokenizer, TextBatch, batches_for, expand_paths,
+                             plan_shares)
 from argonne_dt.tokenizer import load_tokenizer
-from conftest import WORDS, documents, dp_layout, record_documents, write_parquet
-
-@pytest.fixture
-def shards(tmp_path):
-    """Three files of 40, 25 and 33 documents in row groups of 8 (mid-file and mid-group cuts exist)."""
-    docs = documents(98)
-    files = [
-        write_parquet(tmp_path / "part-2.parquet", docs[:40]),
-        write_parquet(tmp_path / "part-10.parquet", docs[65:]),
-        write_parquet(tmp_path / "part-3.parquet", docs[40:65]),
-    ]
-    return files, docs
-
-
-def config(**overrides) -> DataConfig:
-    values = dict(seq_len=31, num_workers=2, prefetch=2, tokenize_batch_size=3, min_tokens=1)
-    values.update(overrides)
-    return DataConfig(**values)
-
-
-def batches(loader, count):
-    return [b for b in islice(iter(loader), count)]
-
-
-def loader_of(cfg, micro_batch_size, files, dp_rank=0, dp_size=1):
-    """The pipeline of one dp rank over all rows of ``files`` (``cfg`` names no data.paths: none held out)."""
-    return share_loader(cfg, micro_batch_size, plan_shares(files, dp_size, cfg), dp_rank)
+from helpers.documents import WORDS, corrupt_row_group, documents, dp_layout, record_documents, write_parquet
+from helpers.loaders import batches, loader_config, loader_of, rank_texts, reader_of, state_pending
 
 
 def test_natural_order_of_files(shards, tmp_path):
@@ -63,7 +28,7 @@ def test_natural_order_of_files(shards, tmp_path):
 
 def test_bos_eos_packing_and_shift(shards, tmp_path):
     files, docs = shards
-    cfg = config(loop=False)
+    cfg = loader_config(loop=False)
     tok = load_tokenizer("qwen2.5")
     bos, eos = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     ordered = docs[:40] + docs[40:65] + docs[65:]  # natural file order: part-2, part-3, part-10
@@ -84,7 +49,7 @@ def test_bos_eos_packing_and_shift(shards, tmp_path):
 
 
 def test_quality_filter_rules_and_counts():
-    cfg = config(min_tokens=10)
+    cfg = loader_config(min_tokens=10)
     f = QualityFilterTokenizer(cfg)
     digits = "1234567890 " * 10
     symbols = "#$%&*(){}[]<>|~^" * 5 + "abc"
@@ -98,14 +63,14 @@ def test_quality_filter_rules_and_counts():
     # Qwen splits digits one per token: the short digit string has 20 tokens and stays.
     assert out.dropped == {"empty": 2, "digit_ratio": 1, "alpha_space_ratio": 1, "too_few_tokens": 1}
     assert len(out.docs) == 2 and all(d[0] == 151644 and d[-1] == 151645 for d in out.docs)
-    no_markers = QualityFilterTokenizer(config(add_bos=False, add_eos=False, min_tokens=1))(TextBatch([good], Position(0)))
+    no_markers = QualityFilterTokenizer(loader_config(add_bos=False, add_eos=False, min_tokens=1))(TextBatch([good], Position(0)))
     assert no_markers.docs[0] == load_tokenizer("qwen2.5")(good, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("cut", [1, 4, 9, 23])
 def test_exact_resume_with_prefetch_and_parallel_tokenization(shards, cut):
     files, _ = shards
-    cfg = config(loop=True)  # 23 batches of 2 x 32 tokens cross an epoch boundary
+    cfg = loader_config(loop=True)  # 23 batches of 2 x 32 tokens cross an epoch boundary
     uninterrupted = batches(loader_of(cfg, 2, files), cut + 12)
     first = loader_of(cfg, 2, files)
     it = iter(first)
@@ -123,7 +88,7 @@ def test_exact_resume_with_prefetch_and_parallel_tokenization(shards, cut):
 def test_resume_mid_document_with_long_documents(tmp_path):
     long_docs = [" ".join(documents(1, seed=s)[0] for _ in range(6)) for s in range(4)]
     files = [write_parquet(tmp_path / "long.parquet", long_docs, row_group_size=2)]
-    cfg = config(seq_len=15, loop=True)
+    cfg = loader_config(seq_len=15, loop=True)
     reference = batches(loader_of(cfg, 1, files), 40)
     loader = loader_of(cfg, 1, files)
     it = iter(loader)
@@ -136,31 +101,10 @@ def test_resume_mid_document_with_long_documents(tmp_path):
     assert all(torch.equal(a["input"], b["input"]) for a, b in zip(reference[7:], batches(again, 33)))
 
 
-def state_pending(state):
-    """The packer's pending tokens, found in the nested torchdata state."""
-    stack = [state]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if "pending" in node:
-                return node["pending"]
-            stack.extend(node.values())
-    raise AssertionError("no packer state")
-
-
-def _reader(files, rank=0, size=1, **overrides) -> ParquetDocumentReader:
-    cfg = config(retry_backoff_s=0.0, **overrides)
-    return ParquetDocumentReader(plan_shares(files, size, cfg), rank, cfg, batch_size=5)
-
-
-def _rank_texts(files, rank, size):
-    return [t for batch in _reader(files, rank, size, loop=False, on_bad_shard="error") for t in batch.texts]
-
-
 @pytest.mark.parametrize("dp_size", [1, 2, 3])
 def test_dp_shares_are_disjoint_and_complete(shards, dp_size):
     files, docs = shards
-    shares = [_rank_texts(files, rank, dp_size) for rank in range(dp_size)]
+    shares = [rank_texts(files, rank, dp_size) for rank in range(dp_size)]
     together = [t for share in shares for t in share]
     assert sorted(together) == sorted(docs) and len(together) == len(set(together))
     if dp_size > 1:
@@ -169,16 +113,16 @@ def test_dp_shares_are_disjoint_and_complete(shards, dp_size):
 
 def test_tp_ranks_of_one_dp_group_get_identical_batches(shards):
     files, _ = shards
-    a, b = (batches(loader_of(config(), 2, files, dp_rank=1, dp_size=2), 6) for _ in range(2))
+    a, b = (batches(loader_of(loader_config(), 2, files, dp_rank=1, dp_size=2), 6) for _ in range(2))
     assert all(torch.equal(x["input"], y["input"]) for x, y in zip(a, b))
 
 
 def test_resume_with_another_dp_size_fails_clearly(shards):
     files, _ = shards
-    loader = loader_of(config(), 2, files, dp_rank=0, dp_size=2)
+    loader = loader_of(loader_config(), 2, files, dp_rank=0, dp_size=2)
     batches(loader, 2)
     state = loader.state_dict()
-    other = loader_of(config(), 2, files, dp_rank=0, dp_size=3)
+    other = loader_of(loader_config(), 2, files, dp_rank=0, dp_size=3)
     other.load_state_dict(state)
     with pytest.raises(DataError, match="saved by dp rank 0 of 2, now dp rank 0 of 3"):
         next(iter(other))
@@ -186,8 +130,8 @@ def test_resume_with_another_dp_size_fails_clearly(shards):
 
 def test_epochs_loop_or_stop(shards):
     files, docs = shards
-    one_pass = _rank_texts(files, 0, 1)
-    reader = _reader(files, loop=True, on_bad_shard="error")
+    one_pass = rank_texts(files, 0, 1)
+    reader = reader_of(files, loop=True, on_bad_shard="error")
     texts = [t for batch in islice(reader, 60) for t in batch.texts]  # 26 batches an epoch
     assert texts[: len(docs)] == one_pass and texts[len(docs) : 2 * len(docs)] == one_pass
     assert reader.get_state()["epoch"] >= 1
@@ -207,7 +151,7 @@ def bad_files(tmp_path):
 
 
 def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
-    reader = _reader(bad_files, loop=False, on_bad_shard="skip")
+    reader = reader_of(bad_files, loop=False, on_bad_shard="skip")
     with caplog.at_level(logging.WARNING):
         texts = [t for batch in reader for t in batch.texts]
     assert texts == documents(10) + documents(10, seed=9)
@@ -217,22 +161,22 @@ def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
 
 def test_bad_shard_stops_the_run_at_start_up_when_configured(bad_files):
     with pytest.raises(DataError, match=r"b-notes.parquet: unreadable parquet shard .*data.on_bad_shard=skip"):
-        _reader(bad_files, loop=False, on_bad_shard="error")
+        reader_of(bad_files, loop=False, on_bad_shard="error")
 
 
 def test_missing_text_column_names_file_and_columns(tmp_path):
     path = tmp_path / "other.parquet"
     pq.write_table(pa.table({"content": ["x"], "id": ["1"]}), path)
     with pytest.raises(DataError, match=r"other.parquet: no column 'text' \(columns: content, id\)"):
-        _reader([str(path)], loop=False)
+        reader_of([str(path)], loop=False)
 
 
 def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
     raw = [b"valid text about the model " * 3, b"broken \xff\xfe bytes in the middle of a sentence here", None]
     path = write_parquet(tmp_path / "bytes.parquet", raw, binary=True)
-    texts = [t for batch in _reader([path], loop=False, on_bad_shard="error") for t in batch.texts]
+    texts = [t for batch in reader_of([path], loop=False, on_bad_shard="error") for t in batch.texts]
     assert texts[1] == "broken \ufffd\ufffd bytes in the middle of a sentence here" and texts[2] is None
-    got = batches(loader_of(config(seq_len=7, loop=False), 1, [path]), 100)
+    got = batches(loader_of(loader_config(seq_len=7, loop=False), 1, [path]), 100)
     assert got and got[-1]["dropped"] == {"empty": 1}
 
 
@@ -242,7 +186,7 @@ def test_a_10mb_document_streams_into_windows(tmp_path):
     huge = " ".join(rng.choice(WORDS) for _ in range(1_900_000))
     assert len(huge) > 10_000_000
     path = write_parquet(tmp_path / "huge.parquet", [huge, "a small second document of text"], row_group_size=1)
-    loader = loader_of(config(seq_len=4095, loop=False, prefetch=1), 4, [path])
+    loader = loader_of(loader_config(seq_len=4095, loop=False, prefetch=1), 4, [path])
     first = batches(loader, 3)
     assert [b["input"].shape for b in first] == [(4, 4095)] * 3
     assert first[0]["input"][0, 0].item() == 151644  # BOS of the big document
@@ -299,15 +243,15 @@ def test_fsspec_urls_are_listed_and_streamed(shards, tmp_path):
     assert [u.rsplit("/", 1)[1] for u in urls] == ["part-2.parquet", "part-3.parquet", "part-10.parquet"]
     assert all(u.startswith("file://") for u in urls)
     assert expand_paths([f"file://{tmp_path}"]) == urls
-    assert sorted(_rank_texts(urls, 0, 1)) == sorted(docs)
+    assert sorted(rank_texts(urls, 0, 1)) == sorted(docs)
 
 
 def test_resume_with_other_files_fails_clearly(shards, tmp_path):
     files, _ = shards
-    loader = loader_of(config(), 2, files)
+    loader = loader_of(loader_config(), 2, files)
     batches(loader, 5)
     state = loader.state_dict()
-    other = loader_of(config(), 2, list(reversed(files)))
+    other = loader_of(loader_config(), 2, list(reversed(files)))
     other.load_state_dict(state)
     with pytest.raises(DataError, match=r"the data position points into .*part-\d+.parquet .* data.paths and data.eval_split now give other rows"):
         next(iter(other))
@@ -318,13 +262,13 @@ def test_files_of_one_row_group_are_shared_evenly(tmp_path, dp_size):
     docs = documents(300, seed=4)
     files = [write_parquet(tmp_path / f"part-{i}.parquet", docs[i * 100 : (i + 1) * 100], row_group_size=100)
              for i in range(3)]
-    shares = [_rank_texts(files, rank, dp_size) for rank in range(dp_size)]
+    shares = [rank_texts(files, rank, dp_size) for rank in range(dp_size)]
     together = [t for share in shares for t in share]
     assert sorted(together) == sorted(docs) and len(set(together)) == len(docs)
     assert max(map(len, shares)) - min(map(len, shares)) <= 1  # split by rows, not whole row groups
     held_out = [write_parquet(tmp_path / "held-out.parquet", documents(20, seed=8), row_group_size=20)]
     for rank in range(dp_size):  # a single small held-out file still gives every rank batches
-        loader = loader_of(config(seq_len=15), 2, held_out, rank, dp_size)
+        loader = loader_of(loader_config(seq_len=15), 2, held_out, rank, dp_size)
         assert len(batches(loader, 3)) == 3
 
 
@@ -332,7 +276,7 @@ def test_a_layout_without_rows_for_every_rank_fails_at_start_up(tmp_path):
     files = [write_parquet(tmp_path / "tiny.parquet", documents(2), row_group_size=1)]
     with pytest.raises(DataError, match=r"data.eval_paths: 2 readable rows in 1 file\(s\) cannot give each of 3 "
                                         r"data-parallel ranks a share"):
-        plan_shares(files, 3, config(), source="data.eval_paths")
+        plan_shares(files, 3, loader_config(), source="data.eval_paths")
 
 
 class _FlakyFile:
@@ -371,31 +315,21 @@ def test_transient_read_errors_are_retried_not_skipped(shards, caplog):
     files, docs = shards
     urls = [f"flaky://{path}" for path in files]
     failures["left"] = 3  # the first file's footer: three failed reads, then one that works
-    reader = _reader(urls, loop=False)
+    reader = reader_of(urls, loop=False)
     failures["left"] = 2  # and the first row group
     with caplog.at_level(logging.WARNING):
         texts = [t for batch in reader for t in batch.texts]
-    assert texts == _rank_texts(files, 0, 1) and sorted(texts) == sorted(docs)
+    assert texts == rank_texts(files, 0, 1) and sorted(texts) == sorted(docs)
     assert reader.get_state()["bad_shards"] == []
     assert caplog.text.count("connection reset by peer; retrying") == 5
-
-
-def _with_corrupt_row_group(path, docs, row_group_size, corrupt):
-    """A parquet file whose footer reads but whose row group ``corrupt`` is garbage."""
-    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size, compression="none",
-                   use_dictionary=False)
-    chunk = pq.ParquetFile(path).metadata.row_group(corrupt).column(0)
-    data = bytearray(path.read_bytes())
-    data[chunk.data_page_offset : chunk.data_page_offset + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
-    path.write_bytes(bytes(data))
 
 
 def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
     docs = documents(24, seed=6)
     path = tmp_path / "corrupt.parquet"
-    _with_corrupt_row_group(path, docs, row_group_size=8, corrupt=1)
+    corrupt_row_group(path, docs, row_group_size=8, corrupt=1)
     after = write_parquet(tmp_path / "next.parquet", documents(5, seed=7))
-    reader = _reader([str(path), after], loop=False)
+    reader = reader_of([str(path), after], loop=False)
     with caplog.at_level(logging.WARNING):
         texts = [t for batch in reader for t in batch.texts]
     assert texts == docs[:8] + docs[16:] + documents(5, seed=7)
@@ -404,9 +338,9 @@ def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
 
 def test_a_share_with_nothing_readable_names_its_files(tmp_path):
     path = tmp_path / "only.parquet"
-    _with_corrupt_row_group(path, documents(8, seed=3), row_group_size=8, corrupt=0)
+    corrupt_row_group(path, documents(8, seed=3), row_group_size=8, corrupt=0)
     with pytest.raises(DataError, match=r"no readable rows for dp rank 0 in its 1 segment\(s\) of .*only.parquet"):
-        list(islice(_reader([str(path)], loop=True), 3))
+        list(islice(reader_of([str(path)], loop=True), 3))
 
 
 def _windows(batch: dict) -> np.ndarray:
@@ -424,7 +358,7 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     new rank first emits the tokens its old ranks had packed but not emitted.
     """
     files, docs = shards
-    cfg = config(paths=files, loop=False, prefetch=0)  # a saving run's plan is made again from data.paths
+    cfg = loader_config(paths=files, loop=False, prefetch=0)  # a saving run's plan is made again from data.paths
     taken: list[tuple] = []
     record_documents(monkeypatch, lambda packer, doc: taken.append(tuple(doc)))
     states, emitted, carried = {}, 0, 0
@@ -474,4 +408,3 @@ def test_held_out_files_that_are_training_files_are_named_at_start_up(shards, tm
     with caplog.at_level(logging.WARNING):
         Evaluator.for_run(cfg, torch.device("cpu"), torch.autocast("cpu", enabled=False), None)
     assert "training files too" not in caplog.text
-

@@ -8,8 +8,8 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from conftest import documents, dp_layout, write_parquet
-from distributed import run_distributed
+from helpers.documents import documents, dp_layout, write_parquet
+from helpers.processes import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -99,7 +99,7 @@ def _dp_rank_whose_data_fails(job_dir: str, corpus: str) -> tuple[str, str, int]
     import torch.distributed as dist
 
     from argonne_dt.trainer import Trainer
-    from test_trainer import make_config
+    from helpers.runs import make_config
 
     trainer = Trainer(make_config(job_dir, corpus, **{"checkpoint.every": 0}))
     if dist.get_rank() == 1:

@@ -25,7 +25,7 @@ from argonne_dt.data import (
     share_loader,
 )
 from argonne_dt.evaluation import Evaluator, evaluate
-from conftest import WORDS, dp_layout, record_documents, write_parquet
+from helpers.documents import WORDS, dp_layout, record_documents, write_parquet
 
 
 def config(**overrides) -> DataConfig:
@@ -236,7 +236,7 @@ def _evaluate_uneven_and_failing() -> dict:
 
 @pytest.mark.distributed
 def test_held_out_ranks_stop_together_and_fail_together():
-    from distributed import run_distributed
+    from helpers.processes import run_distributed
 
     first, second = run_distributed(_evaluate_uneven_and_failing, 2)
     # Both ranks evaluate the 3 batches rank 0 has (mean input (0 + 1 + 2) / 3 on both).

@@ -13,8 +13,7 @@ import pytest
 from argonne_dt.config import DataConfig
 from argonne_dt.data import DataError, batches_for
 from argonne_dt.errors import EXIT_CODE, run_reporting_user_errors
-from conftest import documents
-from test_data import _with_corrupt_row_group as corrupt_row_group
+from helpers.documents import corrupt_row_group, documents
 
 ROOT = Path(__file__).parents[1]
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from argonne_dt.model import ArgonneModel
-from distributed import run_distributed
-from test_trainer import _sigterm_at, _train, corpus, make_config, model_tensors  # noqa: F401 - corpus is a fixture
+from helpers.processes import run_distributed
+from helpers.runs import make_config, model_tensors, sigterm_after_step, train_in_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
 
@@ -44,7 +44,7 @@ def _recording_train(cfg, on_step=None) -> dict:
 
     trainer.train_step = recording_step
     try:
-        result = _train(cfg, on_step)
+        result = train_in_process(cfg, on_step)
     finally:
         trainer.train_step = real_step
     return {**result, "batches": seen}
@@ -55,8 +55,9 @@ def _layout_jobs(tmp: str, corpus_dir: str, names: list[str]) -> dict:
     for name in names:
         layout = LAYOUTS[name]
         full = _recording_train(default_path(f"{tmp}/{name}_full", corpus_dir, layout))
-        first = _train(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout), on_step=_sigterm_at(1))
-        second = _train(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout))
+        first = train_in_process(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout),
+                                 on_step=sigterm_after_step(1))
+        second = train_in_process(default_path(f"{tmp}/{name}_resumed", corpus_dir, layout))
         out[name] = {"full": full, "first": first, "second": second}
     return out
 

@@ -11,68 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from argonne_dt.config import Config, ConfigError, DistillConfig, load_config
 from argonne_dt.distill import DistillationObjective, TeacherError, load_teacher
 from argonne_dt.model import ArgonneModel
-from conftest import odd_model_config
-from distributed import run_distributed
-from test_trainer import corpus, make_config  # noqa: F401 - corpus is a fixture
-
-STUDENT_VOCAB, TEACHER_VOCAB, SEQ = 1001, 1024, 16
-
-
-def write_qwen2_teacher(directory, vocab_size: int = TEACHER_VOCAB, hidden: int = 64, **overrides) -> str:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, rms_norm_eps=1e-6, **overrides)
-    torch.manual_seed(3)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # random biases: zeros would not prove they are loaded
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    model.save_pretrained(directory, safe_serialization=True)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    return write_qwen2_teacher(tmp_path_factory.mktemp("qwen2"))
-
-
-def student_config(teacher: str, chunk_tokens: int = 1024, **distill) -> Config:
-    """``chunk_tokens``: the loss's chunk (``train.loss_chunk_tokens``, which the trainer gives the student)."""
-    cfg = Config()
-    cfg.model = odd_model_config(vocab_size=STUDENT_VOCAB)
-    cfg.data.seq_len = SEQ
-    cfg.train.loss_chunk_tokens = chunk_tokens
-    cfg.distill = replace(DistillConfig(teacher=teacher, teacher_dtype="fp32"), **distill)
-    return cfg
-
-
-def batch_of(rows: int, seed: int = 1) -> dict:
-    tokens = torch.randint(0, STUDENT_VOCAB, (rows, SEQ + 1), generator=torch.Generator().manual_seed(seed))
-    return {"input": tokens[:, :-1], "target": tokens[:, 1:]}
-
-
-def reference(student: ArgonneModel, teacher_dir: str, batch: dict, alpha: float, temperature: float):
-    """Full logits of both models, Hugging Face's teacher cut to the student's vocabulary, F.kl_div."""
-    from transformers import Qwen2ForCausalLM
-
-    hf = Qwen2ForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
-    with torch.no_grad():
-        teacher_logits = hf(batch["input"]).logits[..., :STUDENT_VOCAB].flatten(0, 1)
-    logits = student(batch["input"]).flatten(0, 1)
-    ce = F.cross_entropy(logits, batch["target"].flatten())
-    kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
-                  log_target=True, reduction="sum") / logits.shape[0]
-    loss = alpha * ce + (1 - alpha) * temperature**2 * kl
-    loss.backward()
-    return {"loss": loss.item(), "ce": ce.item(), "kl": kl.item()}, {n: p.grad for n, p in student.named_parameters()}
+from helpers.comparisons import max_relative_error, unwrapped_name
+from helpers.processes import run_distributed
+from helpers.runs import make_config, sigterm_after_step
+from helpers.teachers import STUDENT_VOCAB, batch_of, reference, student_config, write_qwen2_teacher
 
 
 def objective_terms(student, teacher, spec: DistillConfig, batch: dict, autocast=None) -> dict:
@@ -83,10 +29,6 @@ def objective_terms(student, teacher, spec: DistillConfig, batch: dict, autocast
         terms = objective(student, batch, torch.device("cpu"))
         terms["loss"].backward()
     return {k: v.item() for k, v in terms.items()}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -101,7 +43,7 @@ def test_loss_and_every_student_gradient_equal_the_full_logits_reference(teacher
         assert abs(terms[key] - expected[key]) <= 1e-5 * max(1.0, abs(expected[key])), key
     assert expected["kl"] > 0.01
     for name, param in student.named_parameters():
-        assert _rel(param.grad, grads[name]) < 1e-5, name
+        assert max_relative_error(param.grad, grads[name]) < 1e-5, name
 
 
 def test_accumulated_halves_and_a_scaled_loss_give_the_full_batch_gradients(teacher_dir):
@@ -120,8 +62,8 @@ def test_accumulated_halves_and_a_scaled_loss_give_the_full_batch_gradients(teac
     (0.5 * objective(scaled, batch_of(4), torch.device("cpu"))["loss"]).backward()
     scaled_grads = dict(scaled.named_parameters())
     for name, param in student.named_parameters():
-        assert _rel(param.grad, grads[name]) < 1e-5, name
-        assert _rel(scaled_grads[name].grad, 0.5 * grads[name]) < 1e-5, name
+        assert max_relative_error(param.grad, grads[name]) < 1e-5, name
+        assert max_relative_error(scaled_grads[name].grad, 0.5 * grads[name]) < 1e-5, name
 
 
 def test_the_teacher_is_hugging_face_qwen2_cut_to_the_student_vocabulary(teacher_dir):
@@ -133,7 +75,7 @@ def test_the_teacher_is_hugging_face_qwen2_cut_to_the_student_vocabulary(teacher
     hf = Qwen2ForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
     tokens = batch_of(2)["input"]
     with torch.no_grad():
-        assert _rel(teacher(tokens), hf(tokens).logits[..., :STUDENT_VOCAB]) < 2e-5
+        assert max_relative_error(teacher(tokens), hf(tokens).logits[..., :STUDENT_VOCAB]) < 2e-5
 
 
 def test_alpha_one_is_exactly_the_pretraining_loss_and_gradients(teacher_dir):
@@ -249,7 +191,7 @@ def _parallel_cases(teacher: str) -> dict:
         expected, grads = reference(one, teacher, full, 0.4, 2.0)
         results[name] = {
             "terms": (sums / dist.get_world_size()).tolist(), "expected": [expected[k] for k in ("loss", "ce", "kl")],
-            "grad_errors": {n.replace("_checkpoint_wrapped_module.", ""): _rel(full_value(p.grad), grads[n])
+            "grad_errors": {unwrapped_name(n): max_relative_error(full_value(p.grad), grads[n])
                             for n, p in student.named_parameters()},
         }
     return results
@@ -271,7 +213,6 @@ def _distill_jobs(tmp: str, corpus_dir: str, teacher: str) -> dict:
     from argonne_dt import distill as distilling
     from argonne_dt.distributed import full_value
     from argonne_dt.trainer import train
-    from test_trainer import _sigterm_at
 
     loaded, real_load = [], distilling.load_teacher
 
@@ -285,7 +226,8 @@ def _distill_jobs(tmp: str, corpus_dir: str, teacher: str) -> dict:
                 "distill.alpha": 0.5, "distill.temperature": 2.0, "train.loss_chunk_tokens": 24}
     try:
         out = {"full": distilling.distill(make_config(f"{tmp}/full", corpus_dir, **settings)),
-               "first": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings), on_step=_sigterm_at(3)),
+               "first": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings),
+                                           on_step=sigterm_after_step(3)),
                "second": distilling.distill(make_config(f"{tmp}/resumed", corpus_dir, **settings)),
                "alpha_one": distilling.distill(make_config(f"{tmp}/alpha_one", corpus_dir, **{
                    **settings, "distill.alpha": 1.0, "train.steps": 3})),

@@ -2,7 +2,6 @@
 TP 2 and FSDP dp 2 against one device, and a run that learns the right endings scoring above chance."""
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,51 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne_dt.checkpoint import write_model_checkpoint
 from argonne_dt.inference import load_model
-from argonne_dt.config import Config, DataConfig, ModelConfig
+from argonne_dt.config import DataConfig
 from argonne_dt.data import DataError
 from argonne_dt.downstream import MultipleChoiceScores, MultipleChoiceTask, Question, encode_choices, read_questions
-from argonne_dt.model import ArgonneModel
-from conftest import write_parquet
-from distributed import run_distributed
+from helpers.documents import write_parquet
+from helpers.models import tiny_checkpoint
+from helpers.multiple_choice import RIGHT, SUBJECTS, write_task
+from helpers.processes import run_distributed
 
 ROOT = Path(__file__).parents[1]
-SUBJECTS = ["the red fox", "a tired sailor", "my old teacher", "the small robot", "our new neighbour",
-            "the village baker", "a quiet student", "the brave pilot", "an honest farmer", "the young painter",
-            "a curious child", "the night guard"]
-RIGHT = ["jumped over the fence", "went home to sleep", "read the morning paper", "cleaned the kitchen floor",
-         "planted tomatoes in spring", "baked fresh bread at dawn", "wrote notes in the library",
-         "landed the plane safely", "sold apples at the market", "painted the harbour at sunset",
-         "asked why the sky is blue", "locked the gate at midnight"]
-WRONG = ["purple integral sandwich", "seventeen loud umbrellas", "the oxygen of triangles", "quantum spoon ballet",
-         "orbiting cheese lawyers", "electric velvet algebra"]
-
-
-def write_task(path: Path, layout: str = "hellaswag") -> Path:
-    """Twelve questions of four choices: the right ending among three nonsense ones, the answer moving."""
-    rng = random.Random(0)
-    lines = []
-    for number, (subject, right) in enumerate(zip(SUBJECTS, RIGHT)):
-        choices = rng.sample(WRONG, 3)
-        answer = number % 4
-        choices.insert(answer, right)
-        context = f"In the story, {subject}"
-        record = ({"ctx": context, "endings": choices, "label": str(answer)} if layout == "hellaswag"
-                  else {"context": context, "choices": choices, "answer": answer})
-        lines.append(json.dumps(record))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def tiny_checkpoint(root: Path, seed: int = 3) -> Path:
-    cfg = Config()
-    cfg.model = ModelConfig(vocab_size=151_665, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=16, max_seq_len=64, init_std=0.1)
-    cfg.data.seq_len = 32
-    model = ArgonneModel(cfg.model)
-    model.init_weights(seed=seed)
-    return write_model_checkpoint(model, cfg, root)
 
 
 @pytest.fixture(scope="module")

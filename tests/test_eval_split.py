@@ -20,7 +20,7 @@ from argonne_dt.data import (
     batches_for,
     plan_shares,
 )
-from conftest import documents, dp_layout, record_documents, write_parquet
+from helpers.documents import documents, dp_layout, record_documents, write_parquet
 
 ROOT = Path(__file__).parents[1]
 

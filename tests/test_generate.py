@@ -3,7 +3,7 @@ import torch
 
 from argonne_dt.generate import SamplingConfig, apply_repetition_penalty, generate, sample_next
 from argonne_dt.model import ArgonneModel
-from conftest import odd_model_config
+from helpers.models import odd_model_config
 
 PROMPTS = [[5, 17, 99, 3, 250], [7], [42, 43, 44, 45, 46, 47, 48, 49]]
 

@@ -15,7 +15,7 @@ from argonne_dt import distributed, model as model_module
 from argonne_dt.config import Config, ConfigError, ParallelConfig, load_config
 from argonne_dt.generate import SamplingConfig, generate
 from argonne_dt.model import ArgonneModel
-from conftest import odd_model_config
+from helpers.models import odd_model_config
 
 EQUAL_PROMPTS = [[5, 17, 99, 3], [42, 43, 44, 45]]
 UNEQUAL_PROMPTS = [[5, 17, 99, 3], [7]]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from conftest import documents, write_parquet
-from distributed import run_distributed
+from helpers.documents import documents, write_parquet
+from helpers.processes import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +37,7 @@ def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> dict:
 
     from argonne_dt import trainer as trainer_module
     from argonne_dt.trainer import Trainer
-    from test_trainer import make_config
+    from helpers.runs import make_config
 
     reads = {"count": 0, "in_decision": False}
     decisions: list[tuple[str, bool]] = []

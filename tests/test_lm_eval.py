@@ -10,7 +10,8 @@ import torch
 from argonne_dt.inference import load_model
 from argonne_dt.downstream import MultipleChoiceTask, Question, encode_choices
 from argonne_dt.hf import export_hf
-from test_downstream import tiny_checkpoint, write_task
+from helpers.models import tiny_checkpoint
+from helpers.multiple_choice import write_task
 
 pytestmark = [
     pytest.mark.e2e,

@@ -4,7 +4,6 @@ targets and ``ignore_index``; the incoming gradient; the memory of the chunk loo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -12,47 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from argonne_dt.distributed import full_value
 from argonne_dt.loss import (IGNORE_INDEX, batch_on, check_targets, cross_entropy_loss, distillation_loss,
                              fused_linear_cross_entropy, fused_loss_bytes, transposed_weight_copy)
-from argonne_dt.metrics import PeakTensorBytes
-
-TOKENS, WIDTH, VOCAB = 96, 64, 500
-
-
-def _problem(kind: str, vocab: int = VOCAB, ignored: bool = False):
-    """Hidden states, lm_head weight and targets whose p(target) is ~0.99999 (confident) or ~1/V (flat);
-    with ``ignored``, every 5th target is ``IGNORE_INDEX``."""
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(vocab, WIDTH, generator=gen) / WIDTH**0.5
-    targets = torch.randint(0, vocab, (TOKENS,), generator=gen)
-    if kind == "confident":
-        # The target's row, scaled: a logit gap of ~20 nats over the rest.
-        hidden = 2.6 * weight[targets] * WIDTH**0.5 + 0.3 * torch.randn(TOKENS, WIDTH, generator=gen)
-    else:
-        hidden = 0.05 * torch.randn(TOKENS, WIDTH, generator=gen)
-    if ignored:
-        targets[::5] = IGNORE_INDEX
-    return hidden, weight, targets
-
-
-def _loss_and_grads(loss_fn, hidden, weight, targets, dtype=torch.float32, scale: float = 1.0,
-                    context=contextlib.nullcontext):
-    """(loss, grad_hidden, grad_weight) in fp64 of ``scale * loss_fn(...)``'s forward and backward in ``context``."""
-    hidden = hidden.detach().to(dtype, copy=True).requires_grad_()
-    weight = weight.detach().to(dtype, copy=True).requires_grad_()
-    with context():
-        loss = loss_fn(hidden, weight, targets)
-        (scale * loss).backward()
-    return loss.double(), hidden.grad.double(), weight.grad.double()
-
-
-def _fused(hidden, weight, targets):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return fused_linear_cross_entropy(hidden, weight, targets, chunk=40)
-
-
-def _fused_fp32(hidden, weight, targets):
-    return fused_linear_cross_entropy(hidden, weight, targets, chunk=40)
+from helpers.comparisons import MODEL, SEQ, case_layout, max_relative_error, unwrapped_name
+from helpers.loss_problems import (TOKENS, VOCAB, WIDTH, distillation_errors, fused_bf16, fused_fp32,
+                                   large_logits_problem, loss_and_grads, loss_peak_bytes, loss_problem,
+                                   relative_error)
+from helpers.models import odd_model_config
+from helpers.processes import run_distributed
 
 
 def _plain(hidden, weight, targets):
@@ -64,35 +31,31 @@ def _reference(hidden, weight, targets):
     return F.cross_entropy(hidden @ weight.t(), targets)
 
 
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("kind", ["confident", "flat"])
 def test_bf16_fused_loss_is_at_least_as_accurate_as_the_plain_bf16_path(kind):
-    hidden, weight, targets = _problem(kind)
-    reference = _loss_and_grads(_reference, hidden, weight, targets, torch.float64)
+    hidden, weight, targets = loss_problem(kind)
+    reference = loss_and_grads(_reference, hidden, weight, targets, torch.float64)
     if kind == "confident":
         p_target = torch.softmax(hidden.double() @ weight.double().t(), -1)[torch.arange(TOKENS), targets]
         assert p_target.median() > 0.9999  # the regime where a bf16 softmax loses the gradient
-    fused = _loss_and_grads(_fused, hidden, weight, targets)
-    plain = _loss_and_grads(_plain, hidden, weight, targets)
+    fused = loss_and_grads(fused_bf16, hidden, weight, targets)
+    plain = loss_and_grads(_plain, hidden, weight, targets)
     for what, f, p, r in zip(("loss", "grad_hidden", "grad_weight"), fused, plain, reference):
-        fused_err, plain_err = _rel(f, r), _rel(p, r)
+        fused_err, plain_err = relative_error(f, r), relative_error(p, r)
         # bf16 matmuls on both paths: the same logit rounding; the fused path may not add error.
         assert fused_err <= 1.25 * plain_err + 1e-6, (what, fused_err, plain_err)
         assert fused_err < 0.03, (what, fused_err)
 
 
 def test_fp32_fused_loss_equals_the_reference_for_any_logit_gap():
-    hidden, weight, targets = _problem("confident")
+    hidden, weight, targets = loss_problem("confident")
     weight[targets[0]] *= -40.0  # token 0's target logit is now hundreds of nats below the best
-    fused = _loss_and_grads(_fused_fp32, hidden, weight, targets)
-    reference = _loss_and_grads(_reference, hidden, weight, targets, torch.float64)
+    fused = loss_and_grads(fused_fp32, hidden, weight, targets)
+    reference = loss_and_grads(_reference, hidden, weight, targets, torch.float64)
     per_token = F.cross_entropy(hidden.double() @ weight.double().t(), targets, reduction="none")
     assert per_token[0] > 200  # -log(clamp(p)) would count ~87 here
     for f, r in zip(fused, reference):
-        assert _rel(f, r) < 1e-5
+        assert relative_error(f, r) < 1e-5
 
 
 class _CountMatmuls(TorchDispatchMode):
@@ -107,7 +70,7 @@ class _CountMatmuls(TorchDispatchMode):
 
 
 def test_fused_loss_does_no_gradient_work_without_grad_mode():
-    hidden, weight, targets = _problem("flat")
+    hidden, weight, targets = loss_problem("flat")
     hidden.requires_grad_()
     weight.requires_grad_()
     chunks = -(-TOKENS // 40)
@@ -131,32 +94,32 @@ def _distillation_ce(hidden, weight, targets):
     return loss
 
 
-PATHS = {"fused": _fused_fp32, "logits": lambda h, w, t: cross_entropy_loss(F.linear(h, w)[None], t[None]),
+PATHS = {"fused": fused_fp32, "logits": lambda h, w, t: cross_entropy_loss(F.linear(h, w)[None], t[None]),
          "distillation_ce": _distillation_ce}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_ignore_index_is_left_out_of_the_mean_as_f_cross_entropy_does(path):
-    hidden, weight, targets = _problem("flat", ignored=True)
-    got = _loss_and_grads(PATHS[path], hidden, weight, targets)
-    reference = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX), hidden,
+    hidden, weight, targets = loss_problem("flat", ignored=True)
+    got = loss_and_grads(PATHS[path], hidden, weight, targets)
+    reference = loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX), hidden,
                                 weight, targets, torch.float64)
     for what, g, r in zip(("loss", "grad_hidden", "grad_weight"), got, reference):
-        assert _rel(g, r) < 1e-5, (what, _rel(g, r))
+        assert relative_error(g, r) < 1e-5, (what, relative_error(g, r))
     assert got[1][::5].abs().max() == 0  # an ignored token gets no gradient
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_micro_batch_with_every_target_ignored_has_loss_zero_and_no_gradient(path):
-    hidden, weight, targets = _problem("flat")
-    loss, grad_hidden, grad_weight = _loss_and_grads(PATHS[path], hidden, weight, torch.full_like(targets, IGNORE_INDEX))
+    hidden, weight, targets = loss_problem("flat")
+    loss, grad_hidden, grad_weight = loss_and_grads(PATHS[path], hidden, weight, torch.full_like(targets, IGNORE_INDEX))
     assert loss == 0 and grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("bad", [VOCAB, -1, -101])
 def test_a_target_outside_the_vocabulary_is_an_error_that_names_it(path, bad):
-    hidden, weight, targets = _problem("flat")
+    hidden, weight, targets = loss_problem("flat")
     targets[3] = bad
     with pytest.raises(ValueError, match=rf"target ids \[{bad}\] lie outside the vocabulary \[0, {VOCAB}\)"):
         PATHS[path](hidden, weight.requires_grad_(), targets)
@@ -172,83 +135,26 @@ def test_targets_are_checked_on_the_host_before_their_copy_and_never_read_from_a
 
 @pytest.mark.parametrize("path", ["fused", "distillation_ce"])
 def test_fused_backward_scales_by_the_incoming_gradient(path):
-    hidden, weight, targets = _problem("flat")
-    _, *whole = _loss_and_grads(PATHS[path], hidden, weight, targets)
-    _, *half = _loss_and_grads(PATHS[path], hidden, weight, targets, scale=0.5)
+    hidden, weight, targets = loss_problem("flat")
+    _, *whole = loss_and_grads(PATHS[path], hidden, weight, targets)
+    _, *half = loss_and_grads(PATHS[path], hidden, weight, targets, scale=0.5)
     for w, h in zip(whole, half):
-        assert torch.allclose(h, 0.5 * w, rtol=1e-6, atol=0), _rel(h, 0.5 * w)
-
-
-# Large logits in distillation: about +-200, against an fp64 F.kl_div reference.
-
-def _large_logits_problem(vocab: int = VOCAB):
-    """Student and teacher hidden states scaled so that both models' logits reach about +-200."""
-    gen = torch.Generator().manual_seed(5)
-    student_weight = torch.randn(vocab, WIDTH, generator=gen) / WIDTH**0.5
-    teacher_weight = torch.randn(vocab, WIDTH, generator=gen) / WIDTH**0.5
-    student_hidden = 60.0 * torch.randn(TOKENS, WIDTH, generator=gen)
-    teacher_hidden = student_hidden + 30.0 * torch.randn(TOKENS, WIDTH, generator=gen)
-    targets = torch.randint(0, vocab, (TOKENS,), generator=gen)
-    targets[::7] = IGNORE_INDEX
-    return student_hidden, student_weight, teacher_hidden, teacher_weight, targets
-
-
-def _distillation_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, alpha, temperature):
-    """(loss, CE, KL), grad_hidden, grad_weight in fp64 from full logits, F.cross_entropy and F.kl_div."""
-    hidden = student_hidden.double().requires_grad_()
-    weight = student_weight.double().requires_grad_()
-    logits, teacher = hidden @ weight.t(), teacher_hidden.double() @ teacher_weight.double().t()
-    counted = targets != IGNORE_INDEX
-    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-    kl = F.kl_div(F.log_softmax(logits[counted] / temperature, -1), F.log_softmax(teacher[counted] / temperature, -1),
-                  log_target=True, reduction="batchmean")
-    loss = alpha * ce + (1 - alpha) * temperature**2 * kl
-    loss.backward()
-    return torch.stack([loss, ce, kl]).detach(), hidden.grad, weight.grad
-
-
-def _distillation_errors(problem, alpha, temperature, shard=lambda w: w) -> dict[str, float]:
-    """Relative errors of the fp32 distillation loss (weights passed through ``shard``) against fp64."""
-    student_hidden, student_weight, teacher_hidden, teacher_weight, targets = problem
-    hidden = student_hidden.clone().requires_grad_()
-    weight = student_weight.clone().requires_grad_()
-    terms = distillation_loss(hidden, shard(weight), teacher_hidden, shard(teacher_weight), targets, alpha,
-                              temperature, chunk=40)
-    terms[0].backward()
-    grad_weight = weight.grad
-    expected, grad_hidden, expected_grad_weight = _distillation_reference(*problem, alpha, temperature)
-    errors = {name: abs(got.item() - want.item()) / abs(want.item()) for name, got, want in
-              zip(("loss", "ce", "kl"), terms, expected)}
-    errors.update(grad_hidden=_rel(hidden.grad.double(), grad_hidden), grad_weight=_rel(grad_weight.double(),
-                                                                                        expected_grad_weight))
-    return errors
+        assert torch.allclose(h, 0.5 * w, rtol=1e-6, atol=0), relative_error(h, 0.5 * w)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_at_logits_of_200_equals_fp64_kl_div(temperature):
-    problem = _large_logits_problem()
+    problem = large_logits_problem()
     logits = problem[0] @ problem[1].t()
     assert 150 < logits.abs().max() < 400  # exp() of these overflows fp32 without the max-shift
-    errors = _distillation_errors(problem, alpha=0.3, temperature=temperature)
+    errors = distillation_errors(problem, alpha=0.3, temperature=temperature)
     assert max(errors.values()) < 1e-5, errors
-
-
-# Memory: what the chunk loop holds at once.
-
-def loss_peak_bytes(hidden, weight, targets, chunk: int, dtype: torch.dtype) -> tuple[int, int]:
-    """Peak bytes the fused loss allocates over its forward and backward, and its largest tensor."""
-    hidden, weight = hidden.to(dtype).requires_grad_(), weight.requires_grad_()
-    with PeakTensorBytes(hidden, weight) as tracker:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = fused_linear_cross_entropy(hidden, weight, targets, chunk)
-        loss.backward()
-    return tracker.peak, tracker.largest
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [40, 1024])
 def test_fused_loss_bytes_is_what_the_loop_allocates(dtype, chunk):
-    hidden, weight, targets = _problem("flat")
+    hidden, weight, targets = loss_problem("flat")
     measured, largest = loss_peak_bytes(hidden, weight, targets, chunk, dtype)
     predicted = fused_loss_bytes(TOKENS, chunk, VOCAB, WIDTH, dtype, transposed_weight_copy(torch.device("cpu"), dtype))
     assert 0 <= measured - predicted <= 16, (measured, predicted)  # a scalar or two
@@ -297,26 +203,26 @@ def _loss_cases(tp_mesh) -> dict:
 
     out = {}
     for kind in ("flat", "confident"):
-        problem = _problem(kind, vocab=UNEVEN_VOCAB, ignored=True)
-        reference = _loss_and_grads(_reference_ignoring, *problem, torch.float64)
-        fp32 = _loss_and_grads(_vocab_parallel(tp_mesh), *problem)
-        runs = {"fp32": fp32, "tp1_fp32": _loss_and_grads(_fused_fp32, *problem),
-                "loss_parallel": _loss_and_grads(_loss_parallel_today(tp_mesh), *problem, context=loss_parallel),
-                "bf16": _loss_and_grads(_vocab_parallel(tp_mesh, autocast=True), *problem),
-                "tp1_bf16": _loss_and_grads(_fused, *problem)}
+        problem = loss_problem(kind, vocab=UNEVEN_VOCAB, ignored=True)
+        reference = loss_and_grads(_reference_ignoring, *problem, torch.float64)
+        fp32 = loss_and_grads(_vocab_parallel(tp_mesh), *problem)
+        runs = {"fp32": fp32, "tp1_fp32": loss_and_grads(fused_fp32, *problem),
+                "loss_parallel": loss_and_grads(_loss_parallel_today(tp_mesh), *problem, context=loss_parallel),
+                "bf16": loss_and_grads(_vocab_parallel(tp_mesh, autocast=True), *problem),
+                "tp1_bf16": loss_and_grads(fused_bf16, *problem)}
         # Errors against fp64 of (loss, grad_hidden, grad_weight).
-        out[kind] = {name: [_rel(a, b) for a, b in zip(run, reference)] for name, run in runs.items()}
-        half = _loss_and_grads(_vocab_parallel(tp_mesh), *problem, scale=0.5)
-        out[kind]["half"] = [_rel(h, 0.5 * w) for h, w in zip(half[1:], fp32[1:])]
-    hidden, weight, targets = _problem("flat", vocab=UNEVEN_VOCAB)
+        out[kind] = {name: [relative_error(a, b) for a, b in zip(run, reference)] for name, run in runs.items()}
+        half = loss_and_grads(_vocab_parallel(tp_mesh), *problem, scale=0.5)
+        out[kind]["half"] = [relative_error(h, 0.5 * w) for h, w in zip(half[1:], fp32[1:])]
+    hidden, weight, targets = loss_problem("flat", vocab=UNEVEN_VOCAB)
     out["all_ignored"] = [x.abs().max().item() for x in
-                          _loss_and_grads(_vocab_parallel(tp_mesh), hidden, weight, torch.full_like(targets, -100))]
+                          loss_and_grads(_vocab_parallel(tp_mesh), hidden, weight, torch.full_like(targets, -100))]
     targets[7] = UNEVEN_VOCAB
     try:
         _vocab_parallel(tp_mesh)(hidden, weight, targets)
     except ValueError as err:
         out["out_of_range"] = str(err)
-    out["distillation"] = {t: _distillation_errors(_large_logits_problem(UNEVEN_VOCAB), 0.3, t, _sharded(tp_mesh))
+    out["distillation"] = {t: distillation_errors(large_logits_problem(UNEVEN_VOCAB), 0.3, t, _sharded(tp_mesh))
                            for t in (1.0, 2.0)}
     # Memory: the shard's loss, three chunks of it, against the bytes the planner is given.
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -340,14 +246,11 @@ def _reference_ignoring(hidden, weight, targets):
 def _model_case(shape, parallel_kwargs) -> dict:
     """The parallelized model's own loss path (the fused vocab-parallel loss, the default) against one
     device's full logits and F.cross_entropy: the loss and every gradient, fp32."""
-    from test_parallelize import MODEL, SEQ, _clean, _full, _layout, _max_rel_err
-
     from argonne_dt.config import ParallelConfig
     from argonne_dt.model import ArgonneModel
     from argonne_dt.parallelize import parallelize
-    from conftest import odd_model_config
 
-    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
+    layout = case_layout(shape, ParallelConfig(**parallel_kwargs))
     torch.manual_seed(0)
     reference = ArgonneModel(odd_model_config(**MODEL))
     model = parallelize(copy.deepcopy(reference), layout)
@@ -361,7 +264,8 @@ def _model_case(shape, parallel_kwargs) -> dict:
     loss.backward()
     ref_params = dict(reference.named_parameters())
     return {"loss_error": abs(loss.item() - expected) / expected, "plain_loss": not hasattr(loss, "placements"),
-            "grad_errors": {_clean(n): _max_rel_err(_full(p.grad), ref_params[_clean(n)].grad)
+            "grad_errors": {unwrapped_name(n): max_relative_error(full_value(p.grad),
+                                                                  ref_params[unwrapped_name(n)].grad)
                             for n, p in model.named_parameters()}}
 
 
@@ -376,8 +280,6 @@ def _all_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def per_rank() -> list[dict]:
-    from distributed import run_distributed
-
     return run_distributed(_all_cases, 4)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from argonne_dt.config import ModelConfig, ParallelConfig
-from distributed import run_distributed
+from helpers.processes import run_distributed
 
 MODEL = ModelConfig(vocab_size=1001, hidden_size=240, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=40,
                     max_seq_len=64, pad_head_dim=True)

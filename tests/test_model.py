@@ -5,7 +5,7 @@ from argonne_dt.config import load_config
 from argonne_dt.hf import from_hf_state_dict, llama_config, to_hf_state_dict
 from argonne_dt.loss import cross_entropy_loss
 from argonne_dt.model import ArgonneModel, seeded_normal_
-from conftest import odd_model_config
+from helpers.models import odd_model_config
 
 
 def test_4b9_parameter_count_on_meta_device():

@@ -6,7 +6,7 @@ import torch
 from argonne_dt.config import OptimConfig
 from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_at, parameter_groups
-from conftest import odd_model_config
+from helpers.models import odd_model_config
 
 
 def test_schedule_warmup_peak_and_end():

@@ -14,25 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from argonne_dt.config import ConfigError, ParallelConfig
-from argonne_dt.distributed import ParallelLayout, build_layout, layout_of
+from argonne_dt.distributed import build_layout, full_value
 from argonne_dt.loss import cross_entropy_loss, loss_context
 from argonne_dt.model import ArgonneModel
 from argonne_dt.optim import clip_grad_norm_
 from argonne_dt.parallelize import ModelTransforms, build_model, parallelize
 from argonne_dt.step import accumulate_gradients
-from conftest import odd_model_config
-from distributed import run_distributed
+from helpers.comparisons import BATCH, MODEL, SEQ, case_layout, max_relative_error, unwrapped_name
+from helpers.models import odd_model_config
+from helpers.processes import run_distributed
 
 pytestmark = pytest.mark.distributed
 
 
-# 8 query / 4 kv heads of 18 dims: TP 4 holds 2 / 1; vocab 1001 is divisible by neither 2 nor 4.
-MODEL = dict(vocab_size=1001, hidden_size=144, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=18)
-BATCH, SEQ = 4, 16
 CASES = {
     # name: (mesh shape, parallel config, apply FSDP over "dp"?)
     "tp4": ((4,), dict(tp=4)),
@@ -49,29 +46,9 @@ CASES = {
 COMPILED_CASES = {"tp2_compile_ac_full": ((2,), dict(tp=2, compile=True, activation_checkpoint="full"))}
 
 
-def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "")
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def _layout(shape, parallel: ParallelConfig) -> ParallelLayout:
-    """The layout a case parallelizes over: all of the mesh with FSDP, else only its tp dimension
-    (the other dp row runs the same case, for free)."""
-    names = ("tp",) if len(shape) == 1 else ("dp", "tp")
-    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    return layout_of(mesh if parallel.dp > 1 or mesh.ndim == 1 else mesh["tp"], parallel)
-
-
 def _run_case(shape, parallel_kwargs) -> dict:
     parallel = ParallelConfig(**parallel_kwargs)
-    layout = _layout(shape, parallel)
+    layout = case_layout(shape, parallel)
     torch.manual_seed(0)
     reference = ArgonneModel(odd_model_config(**MODEL))
     model = parallelize(copy.deepcopy(reference), layout, transforms=ModelTransforms.of(parallel))
@@ -87,8 +64,9 @@ def _run_case(shape, parallel_kwargs) -> dict:
         loss.backward()
 
     ref_params = dict(reference.named_parameters())
-    grad_errors = {_clean(n): _max_rel_err(_full(p.grad), ref_params[_clean(n)].grad) for n, p in model.named_parameters()}
-    local_shapes = {_clean(n): tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
+    grad_errors = {unwrapped_name(n): max_relative_error(full_value(p.grad), ref_params[unwrapped_name(n)].grad)
+                   for n, p in model.named_parameters()}
+    local_shapes = {unwrapped_name(n): tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
                     for n, p in model.named_parameters()}
     tied_before = model.lm_head.weight is model.embed.weight
     # Clipping must see the global norm (every shard, every rank), not a rank's local one.
@@ -99,14 +77,15 @@ def _run_case(shape, parallel_kwargs) -> dict:
         # eps near the gradient scale keeps the update a function of the gradient's size, not just its
         # sign (the first Adam step is sign(g) for eps -> 0), so a wrongly scaled gradient shows.
         torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, foreach=True).step()
-    param_errors = {_clean(n): _max_rel_err(_full(p.detach()), ref_params[_clean(n)].detach())
+    param_errors = {unwrapped_name(n): max_relative_error(full_value(p.detach()),
+                                                          ref_params[unwrapped_name(n)].detach())
                     for n, p in model.named_parameters()}
     return {
-        "loss_error": abs(_full(loss).item() - ref_local_loss.item()),
+        "loss_error": abs(full_value(loss).item() - ref_local_loss.item()),
         "grad_norm_error": abs(norm - ref_norm) / ref_norm,
         "grad_errors": grad_errors,
         "param_errors": param_errors,
-        "param_names": sorted(_clean(n) for n, _ in model.named_parameters()),
+        "param_names": sorted(unwrapped_name(n) for n, _ in model.named_parameters()),
         "tied": tied_before and model.lm_head.weight is model.embed.weight,
         "local_shapes": local_shapes,
     }
@@ -114,7 +93,7 @@ def _run_case(shape, parallel_kwargs) -> dict:
 
 def _bf16_dtypes(shape, parallel_kwargs) -> dict:
     """Under bf16 autocast (and bf16 FSDP gathers): matmul outputs, block inputs, master weights."""
-    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
+    layout = case_layout(shape, ParallelConfig(**parallel_kwargs))
     model = parallelize(ArgonneModel(odd_model_config(**MODEL)), layout, param_dtype=torch.bfloat16)
     seen = {}
     for name in ("layers.0.attn.q_proj", "layers.1.mlp.down_proj", "lm_head"):
@@ -138,18 +117,19 @@ def _materialize_errors(shape, parallel_kwargs) -> float:
     reference = ArgonneModel(odd_model_config(**MODEL))
     reference.init_weights(seed=5)
     parallel = ParallelConfig(**parallel_kwargs)
-    layout = _layout(shape, parallel)
+    layout = case_layout(shape, parallel)
     model = build_model(odd_model_config(**MODEL), layout, "cpu", seed=5, transforms=ModelTransforms.of(parallel))
     ref = dict(reference.named_parameters())
-    worst = max((_full(p.detach()) - ref[_clean(n)]).abs().max().item() for n, p in model.named_parameters())
+    worst = max((full_value(p.detach()) - ref[unwrapped_name(n)]).abs().max().item()
+                for n, p in model.named_parameters())
     tokens = torch.randint(0, MODEL["vocab_size"], (2, SEQ))
     with torch.no_grad(), loss_context(layout):
-        logits = _full(model(tokens))
+        logits = full_value(model(tokens))
     return max(worst, (logits - reference(tokens)).abs().max().item()) if model.lm_head.weight is model.embed.weight else float("inf")
 
 
 def _errors() -> dict:
-    layout = _layout((4,), ParallelConfig(tp=4))
+    layout = case_layout((4,), ParallelConfig(tp=4))
     messages = {}
     bad_heads = ArgonneModel(odd_model_config(**{**MODEL, "num_kv_heads": 2}))
     try:
@@ -167,7 +147,7 @@ def _errors() -> dict:
 def _accumulation(shape, parallel_kwargs) -> dict:
     """Two accumulated micro-batches through the trainer's own loop, against one device's full batch:
     gradients, and how many reduce-scatters FSDP2 issued."""
-    layout = _layout(shape, ParallelConfig(**parallel_kwargs))
+    layout = case_layout(shape, ParallelConfig(**parallel_kwargs))
     reference = ArgonneModel(odd_model_config(**MODEL))
     model = parallelize(copy.deepcopy(reference), layout)
     # Two rows per dp rank, so that every rank has two micro-batches to accumulate.
@@ -196,7 +176,8 @@ def _accumulation(shape, parallel_kwargs) -> dict:
         for name, function in real.items():
             setattr(dist, name, function)
     ref_params = dict(reference.named_parameters())
-    grad_errors = {_clean(n): _max_rel_err(_full(p.grad), ref_params[_clean(n)].grad) for n, p in model.named_parameters()}
+    grad_errors = {unwrapped_name(n): max_relative_error(full_value(p.grad), ref_params[unwrapped_name(n)].grad)
+                   for n, p in model.named_parameters()}
     return {"grad_errors": grad_errors, "reduce_scatters": reduce_scatters,
             "fsdp_modules": 1 + len(model.layers)}
 
@@ -326,7 +307,7 @@ def test_4b9_tp8_local_shards_match_the_usage_table(rank):
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
     try:
         model = build_model(cfg.model, build_layout(cfg.parallel, "cpu"), device="meta")
-        local = {_clean(n): (tuple(p.shape), tuple(p.to_local().shape)) for n, p in model.named_parameters()}
+        local = {unwrapped_name(n): (tuple(p.shape), tuple(p.to_local().shape)) for n, p in model.named_parameters()}
         total_local = sum(p.to_local().numel() for p in model.parameters())
     finally:
         dist.destroy_process_group()
@@ -352,7 +333,7 @@ PLAN_CASES = {"tp2": dict(tp=2), "tp2_no_sp": dict(tp=2, sequence_parallel=False
 def _tie_and_norm_gradients(parallel_kwargs) -> dict:
     """The parallel model's tied weight and norm gradients against one device (untied there, so the
     two uses of the tied weight give separate gradients to add)."""
-    layout = _layout((2,), ParallelConfig(**parallel_kwargs))
+    layout = case_layout((2,), ParallelConfig(**parallel_kwargs))
     torch.manual_seed(0)
     reference = ArgonneModel(odd_model_config(**MODEL))
     model = parallelize(copy.deepcopy(reference), layout)
@@ -366,8 +347,9 @@ def _tie_and_norm_gradients(parallel_kwargs) -> dict:
     return {
         "one_parameter": lm_head is embed,
         "same_storage": lm_head.to_local().untyped_storage().data_ptr() == embed.to_local().untyped_storage().data_ptr(),
-        "tied_grad_error": _max_rel_err(_full(embed.grad), ref_params["embed.weight"].grad + ref_params["lm_head.weight"].grad),
-        "norm_grad_errors": {n: _max_rel_err(_full(p.grad), ref_params[n].grad)
+        "tied_grad_error": max_relative_error(full_value(embed.grad),
+                                              ref_params["embed.weight"].grad + ref_params["lm_head.weight"].grad),
+        "norm_grad_errors": {n: max_relative_error(full_value(p.grad), ref_params[n].grad)
                              for n, p in model.named_parameters() if n.endswith("norm.weight")},
     }
 

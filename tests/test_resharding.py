@@ -12,9 +12,9 @@ from collections import Counter
 
 import pytest
 
-from conftest import documents, write_parquet
-from distributed import run_distributed
-from test_trainer import _sigterm_at, _train, corpus, make_config  # noqa: F401 - corpus is a fixture
+from helpers.documents import documents, write_parquet
+from helpers.processes import run_distributed
+from helpers.runs import make_config, sigterm_after_step, train_in_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
 
@@ -38,8 +38,8 @@ def _taking_documents(job_dir: str, corpus_dir: str, dp: int, stop_at: int | Non
 
     TokenPacker._next_document = recording
     try:
-        result = _train(make_config(job_dir, corpus_dir, **_epoch_settings(dp)),
-                        on_step=_sigterm_at(stop_at) if stop_at else None)
+        result = train_in_process(make_config(job_dir, corpus_dir, **_epoch_settings(dp)),
+                                  on_step=sigterm_after_step(stop_at) if stop_at else None)
     finally:
         TokenPacker._next_document = real
     return {"status": result["status"], "step": result["step"], "taken": taken}
@@ -74,7 +74,7 @@ def test_dp2_tp2_to_dp1_tp2_consumes_every_document_of_the_epoch_once(tmp_path, 
 def _global_batch_jobs(tmp: str, corpus_dir: str, part: str) -> dict:
     """``part``: "full" and "first" at dp 2, "second" (the resume of "first") at dp 1."""
     records: dict[int, dict] = {}
-    preempt = _sigterm_at(3)
+    preempt = sigterm_after_step(3)
 
     def on_step(step: int, record: dict) -> None:
         records[step] = record
@@ -84,7 +84,7 @@ def _global_batch_jobs(tmp: str, corpus_dir: str, part: str) -> dict:
     settings = {"parallel.tp": 1, "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.steps": 6,
                 "checkpoint.every": 0, "metrics.log_every": 1}
     job = f"{tmp}/{'full' if part == 'full' else 'resumed'}"
-    result = _train(make_config(job, corpus_dir, **settings), on_step=on_step)
+    result = train_in_process(make_config(job, corpus_dir, **settings), on_step=on_step)
     return {**result, "records": records}
 
 

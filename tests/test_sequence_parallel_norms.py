@@ -17,7 +17,7 @@ from argonne_dt.config import ModelConfig, ParallelConfig
 from argonne_dt.optim import clip_grad_norm_
 from argonne_dt.parallelize import build_model
 from argonne_dt.step import accumulate_gradients
-from distributed import run_distributed
+from helpers.processes import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from argonne_dt.parallelize import build_model
-from distributed import run_distributed
-from test_trainer import corpus, make_config  # noqa: F401 - corpus is a fixture
+from helpers.processes import run_distributed
+from helpers.runs import make_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
 
@@ -93,7 +93,7 @@ def _optimizer_round_trip(job_dir: str, mesh_shape: tuple[int, int]) -> dict:
     from argonne_dt.distributed import layout_of
     from argonne_dt.optim import build_optimizer
     from argonne_dt.step import train_step
-    from conftest import odd_model_config
+    from helpers.models import odd_model_config
 
     cfg = Config()
     cfg.model = odd_model_config()

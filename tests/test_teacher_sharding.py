@@ -10,8 +10,8 @@ import torch
 
 from argonne_dt.config import ParallelConfig
 from argonne_dt.parallelize import build_model
-from distributed import run_distributed
-from test_distill import batch_of, reference, student_config, write_qwen2_teacher
+from helpers.processes import run_distributed
+from helpers.teachers import batch_of, reference, student_config
 
 pytestmark = pytest.mark.distributed
 
@@ -52,11 +52,6 @@ def _distillation_steps(teacher_dir: str) -> dict:
         out["steps"].append({"losses": result.losses, "sharded": _blocks_sharded(teacher),
                              "local_elements": _teacher_local_elements(teacher)})
     return out
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    return write_qwen2_teacher(tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="module")

@@ -11,50 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from argonne_dt.checkpoint import complete_checkpoints
-from argonne_dt.config import Config, load_config
 from argonne_dt.optim import lr_at
-from conftest import documents, write_parquet
-from distributed import run_distributed
+from helpers.processes import run_distributed
+from helpers.runs import STEPS, make_config, model_tensors, sigterm_after_step, train_in_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
-
-
-STEPS = 6
-
-
-def make_config(job_dir, corpus, **overrides) -> Config:
-    """A small model on the real 151,665 vocabulary; fp32 so that runs are bit-for-bit repeatable."""
-    words = [
-        "--model.vocab_size=151665", "--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=8",
-        "--model.num_kv_heads=4", "--model.head_dim=8", "--model.max_seq_len=64",
-        "--data.seq_len=16", f"--data.paths={corpus}", "--data.num_workers=1", "--data.prefetch=2",
-        "--data.tokenize_batch_size=4", "--data.min_tokens=1",
-        "--optim.lr=3e-3", "--optim.min_lr=3e-4", "--optim.warmup_steps=2", "--optim.fused=false",
-        f"--train.steps={STEPS}", "--train.micro_batch_size=2", "--train.dtype=fp32",
-        "--checkpoint.every=2", "--checkpoint.keep_last=2", "--metrics.log_every=1", f"--job.dir={job_dir}",
-    ]
-    words += [f"--{k}={v}" for k, v in overrides.items()]
-    return load_config(None, words)
-
-
-def _sigterm_at(step_to_signal: int):
-    """An on_step hook: rank 0 receives SIGTERM after this step, like a preempted node."""
-    import torch.distributed as dist
-
-    def hook(step, record):
-        if step == step_to_signal and dist.get_rank() == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
-
-
-def _train(cfg, on_step=None):
-    from argonne_dt.trainer import train
-
-    return train(cfg, on_step)
 
 
 def _run_tp2_jobs(tmp: str, corpus: str) -> dict:
@@ -63,17 +26,18 @@ def _run_tp2_jobs(tmp: str, corpus: str) -> dict:
     accum = {"parallel.tp": 2, "train.grad_accum_steps": 2}
     extras = {"data.eval_paths": f"{corpus}-heldout", "train.eval_every": 3, "train.eval_batches": 2,
               "metrics.sample_every": 3, "metrics.sample_tokens": 4, "metrics.sample_prompts": "the model reads"}
-    out["full"] = _train(make_config(f"{tmp}/full", corpus, **accum, **extras))
-    out["first"] = _train(make_config(f"{tmp}/resumed", corpus, **accum), on_step=_sigterm_at(3))
-    out["second"] = _train(make_config(f"{tmp}/resumed", corpus, **accum))
+    out["full"] = train_in_process(make_config(f"{tmp}/full", corpus, **accum, **extras))
+    out["first"] = train_in_process(make_config(f"{tmp}/resumed", corpus, **accum), on_step=sigterm_after_step(3))
+    out["second"] = train_in_process(make_config(f"{tmp}/resumed", corpus, **accum))
     out["changed"] = _resume_with_other_hyperparameters(tmp, corpus, accum)
     out["one_reader"] = _with_a_failing_reader_on_rank_1(tmp, corpus, accum)
-    out["async"] = _train(make_config(f"{tmp}/async", corpus, **accum, **{"checkpoint.async_save": True}))
-    out["warm_start"] = _train(make_config(f"{tmp}/warm", corpus, **accum, **{
+    out["async"] = train_in_process(make_config(f"{tmp}/async", corpus, **accum, **{"checkpoint.async_save": True}))
+    out["warm_start"] = train_in_process(make_config(f"{tmp}/warm", corpus, **accum, **{
         "checkpoint.initial_load_path": f"{tmp}/full", "train.steps": 1}))
     try:
-        _train(make_config(f"{tmp}/nan", corpus, **{"parallel.tp": 2, "optim.lr": 1e30, "optim.grad_clip": 0,
-                                                     "train.max_nonfinite_steps": 2, "checkpoint.every": 1}))
+        train_in_process(make_config(f"{tmp}/nan", corpus, **{
+            "parallel.tp": 2, "optim.lr": 1e30, "optim.grad_clip": 0, "train.max_nonfinite_steps": 2,
+            "checkpoint.every": 1}))
     except Exception as err:  # noqa: BLE001 - the message is what the test checks
         out["nan_error"] = f"{type(err).__name__}: {err}"
     return out
@@ -95,7 +59,7 @@ def _resume_with_other_hyperparameters(tmp: str, corpus: str, accum: dict) -> di
     try:
         cfg = make_config(f"{tmp}/changed", corpus, **accum, **{
             "train.steps": STEPS + 2, "optim.lr": 1.5e-3, "optim.min_lr": 1e-4, "optim.weight_decay": 0.05})
-        result = _train(cfg, on_step=lambda step, record: lrs.__setitem__(step, record["lr"]))
+        result = train_in_process(cfg, on_step=lambda step, record: lrs.__setitem__(step, record["lr"]))
     finally:
         trainer.build_optimizer = real_build
     return {**result, "lrs": lrs, "weight_decays": [g["weight_decay"] for g in optimizers[0].param_groups],
@@ -126,39 +90,17 @@ def _with_a_failing_reader_on_rank_1(tmp: str, corpus: str, accum: dict) -> dict
         pq.ParquetFile = failing_parquet_file
     trainer.train_step = recording_step
     try:
-        result = _train(make_config(f"{tmp}/one_reader", corpus, **accum, **{"train.steps": 2, "data.retry_backoff_s": 0}))
+        result = train_in_process(make_config(f"{tmp}/one_reader", corpus, **accum,
+                                              **{"train.steps": 2, "data.retry_backoff_s": 0}))
     finally:
         pq.ParquetFile, trainer.train_step = real_parquet_file, real_step
     return {**result, "batches": seen}
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("corpus")
-    write_parquet(root / "part-0.parquet", documents(60, seed=1), row_group_size=8)
-    write_parquet(root / "part-1.parquet", documents(50, seed=2), row_group_size=8)
-    heldout = Path(f"{root}-heldout")
-    heldout.mkdir()
-    write_parquet(heldout / "part-0.parquet", documents(20, seed=3), row_group_size=8)
-    # As pandas and pyarrow write by default: one row group per file.
-    single = Path(f"{root}-single-row-group")
-    single.mkdir()
-    for index in range(3):
-        write_parquet(single / f"part-{index}.parquet", documents(30, seed=10 + index), row_group_size=30)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
 def tp2_runs(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("tp2")
     return tmp, run_distributed(_run_tp2_jobs, 2, str(tmp), corpus)
-
-
-def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    target = checkpoint.parent / (checkpoint.name + ".pt")
-    dcp_to_torch_save(str(checkpoint), str(target))
-    state = torch.load(target, weights_only=False)
-    return state["train"]["model"]
 
 
 def test_preempted_and_resumed_run_equals_uninterrupted(tp2_runs):
@@ -260,8 +202,8 @@ def _resume_one_step_from(tmp: str, corpus: str, source: str, tp: int) -> dict:
         shutil.copytree(source, f"{job}/checkpoints/{Path(source).name}")
     dist.barrier()
     step = int(Path(source).name.split("-")[1])
-    return _train(make_config(job, corpus, **{"parallel.tp": tp, "train.grad_accum_steps": 2}),
-                  on_step=_sigterm_at(step + 1))
+    return train_in_process(make_config(job, corpus, **{"parallel.tp": tp, "train.grad_accum_steps": 2}),
+                            on_step=sigterm_after_step(step + 1))
 
 
 def _run_grid_jobs(tmp: str, corpus: str) -> dict:
@@ -269,11 +211,12 @@ def _run_grid_jobs(tmp: str, corpus: str) -> dict:
     grid = {"parallel.tp": 2, "parallel.dp": 2, "train.grad_accum_steps": 2, "train.steps": 4}
     single = f"{corpus}-single-row-group"
     return {
-        "full": _train(make_config(f"{tmp}/grid_full", corpus, **grid, **{"metrics.log_every": 2})),
-        "first": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid), on_step=_sigterm_at(2)),
-        "second": _train(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
+        "full": train_in_process(make_config(f"{tmp}/grid_full", corpus, **grid, **{"metrics.log_every": 2})),
+        "first": train_in_process(make_config(f"{tmp}/grid_resumed", corpus, **grid),
+                                  on_step=sigterm_after_step(2)),
+        "second": train_in_process(make_config(f"{tmp}/grid_resumed", corpus, **grid)),
         # Files of one row group each, for training and for validation, at dp 2.
-        "single_row_groups": _train(make_config(f"{tmp}/grid_single", single, **{
+        "single_row_groups": train_in_process(make_config(f"{tmp}/grid_single", single, **{
             **grid, "train.steps": 2, "data.eval_paths": f"{single}/part-2.parquet", "train.eval_every": 2,
             "train.eval_batches": 2})),
     }
@@ -322,7 +265,7 @@ def _killed_during_save(tmp: str, corpus: str) -> None:
         return real_save(state, storage_writer=storage_writer, **kwargs)
 
     checkpoint.dcp.save = dying_save
-    _train(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
+    train_in_process(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
 
 
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, corpus, tp2_runs):
@@ -348,7 +291,7 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, cor
 
 
 def _resume_after_kill(tmp: str, corpus: str) -> dict:
-    return _train(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
+    return train_in_process(make_config(f"{tmp}/killed", corpus, **{"parallel.tp": 2, "train.grad_accum_steps": 2}))
 
 
 def test_samples_and_validation_are_logged_during_training(tp2_runs):
