@@ -483,11 +483,10 @@ def collective_bytes(m: ModelConfig, tp: int, dp: int, ac: str, micro_batch: int
     for dim, size in (("tp", tp), ("dp", dp)):
         if size > 1:
             counts[("all_reduce", dim)] += 4 * tensors
-    # The step's loss terms averaged over the world (fp32), on the default group: pretraining's loss;
-    # distillation's loss, CE and KL.
-    world = "world" if tp > 1 and dp > 1 else "tp" if tp > 1 else "dp" if dp > 1 else None
-    if world:
-        counts[("all_reduce", world)] += 4 * (3 if teacher else 1)
+    # The step's loss terms averaged over the dp group (fp32; its tp ranks hold the same): pretraining's
+    # loss; distillation's loss, CE and KL.
+    if dp > 1:
+        counts[("all_reduce", "dp")] += 4 * (3 if teacher else 1)
     return counts
 
 

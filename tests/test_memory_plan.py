@@ -98,9 +98,9 @@ def test_distillation_counts_the_teachers_collectives():
     assert distilling[("all_gather", "tp")] - alone[("all_gather", "tp")] == extra_tp
     assert distilling[("reduce_scatter", "tp")] - alone[("reduce_scatter", "tp")] == extra_tp
     # The distillation loss reduces 2 maxima and 5 sums per token (fp32) where cross-entropy reduces 1 and 2;
-    # the step averages 3 terms (loss, CE, KL) over the world where pretraining averages 1.
+    # the step averages 3 terms (loss, CE, KL) over the dp group where pretraining averages 1.
     assert distilling[("all_reduce", "tp")] - alone[("all_reduce", "tp")] == micro_batches * 4 * 4 * tokens
-    assert distilling[("all_reduce", "world")] - alone[("all_reduce", "world")] == 2 * 4
+    assert distilling[("all_reduce", "dp")] - alone[("all_reduce", "dp")] == 2 * 4
     assert distilling[("all_gather", "dp")] == alone[("all_gather", "dp")]
     # With its blocks sharded over dp: each gathered once per micro-batch, in bf16 (no backward).
     teacher_block = _padded(_local_tensor_shapes(teacher, 2)[0], 2)

@@ -36,7 +36,7 @@ def _clipped_gradients(tp: int, max_norm_of_norm: float) -> dict:
 
     layout = build_layout(ParallelConfig(tp=tp, dp=1, sequence_parallel=True), "cpu") if tp > 1 else None
     model = build_model(MODEL, layout, seed=0)
-    accumulate_gradients(model, _micro_batches(), torch.device("cpu"), contextlib.nullcontext())
+    accumulate_gradients(model, _micro_batches(), torch.device("cpu"), contextlib.nullcontext(), layout)
     pending = sorted(name for name, p in model.named_parameters()
                      if isinstance(p.grad, DTensor) and any(isinstance(x, Partial) for x in p.grad.placements))
     norm = clip_grad_norm_(model.parameters(), max_norm=float("inf")).item()
