@@ -1,20 +1,20 @@
+"""The loader: file order, BOS/EOS packing and the shift, the quality filter, exact resume (also
+mid-document), dp shares that are disjoint and complete, epochs, a change of dp size dealing the rest of
+the epoch, fsspec URLs, the held-out files. Bad data: test_data_errors.py."""
+
 import logging
 import random
 from collections import Counter
 from itertools import islice
 
 import numpy as np
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from argonne_dt.corpus import FINEWEB_SCHEMA, convert_to_shards, sample_corpus
 from argonne_dt.data import (DataError, Position, QualityFilterTokenizer, TextBatch, batches_for, expand_paths,
                              plan_shares)
 from argonne_dt.tokenizer import load_tokenizer
-from helpers.documents import WORDS, corrupt_row_group, documents, dp_layout, record_documents, write_parquet
+from helpers.documents import WORDS, documents, dp_layout, record_documents, write_parquet
 from helpers.loaders import batches, loader_config, loader_of, rank_texts, reader_of, state_pending
 
 
@@ -137,49 +137,6 @@ def test_epochs_loop_or_stop(shards):
     assert reader.get_state()["epoch"] >= 1
 
 
-@pytest.fixture
-def bad_files(tmp_path):
-    good = write_parquet(tmp_path / "a-good.parquet", documents(10))
-    not_parquet = tmp_path / "b-notes.parquet"
-    not_parquet.write_text("this is not a parquet file at all")
-    truncated = tmp_path / "c-truncated.parquet"
-    full = (tmp_path / "full.bin")
-    write_parquet(full, documents(10, seed=5))
-    truncated.write_bytes(full.read_bytes()[:300])
-    last = write_parquet(tmp_path / "d-good.parquet", documents(10, seed=9))
-    return [good, str(not_parquet), str(truncated), last]
-
-
-def test_bad_shards_are_skipped_with_a_warning_and_counted(bad_files, caplog):
-    reader = reader_of(bad_files, loop=False, on_bad_shard="skip")
-    with caplog.at_level(logging.WARNING):
-        texts = [t for batch in reader for t in batch.texts]
-    assert texts == documents(10) + documents(10, seed=9)
-    assert reader.get_state()["bad_shards"] == bad_files[1:3]
-    assert "b-notes.parquet" in caplog.text and "c-truncated.parquet" in caplog.text
-
-
-def test_bad_shard_stops_the_run_at_start_up_when_configured(bad_files):
-    with pytest.raises(DataError, match=r"b-notes.parquet: unreadable parquet shard .*data.on_bad_shard=skip"):
-        reader_of(bad_files, loop=False, on_bad_shard="error")
-
-
-def test_missing_text_column_names_file_and_columns(tmp_path):
-    path = tmp_path / "other.parquet"
-    pq.write_table(pa.table({"content": ["x"], "id": ["1"]}), path)
-    with pytest.raises(DataError, match=r"other.parquet: no column 'text' \(columns: content, id\)"):
-        reader_of([str(path)], loop=False)
-
-
-def test_invalid_utf8_is_replaced_not_fatal(tmp_path):
-    raw = [b"valid text about the model " * 3, b"broken \xff\xfe bytes in the middle of a sentence here", None]
-    path = write_parquet(tmp_path / "bytes.parquet", raw, binary=True)
-    texts = [t for batch in reader_of([path], loop=False, on_bad_shard="error") for t in batch.texts]
-    assert texts[1] == "broken \ufffd\ufffd bytes in the middle of a sentence here" and texts[2] is None
-    got = batches(loader_of(loader_config(seq_len=7, loop=False), 1, [path]), 100)
-    assert got and got[-1]["dropped"] == {"empty": 1}
-
-
 @pytest.mark.slow
 def test_a_10mb_document_streams_into_windows(tmp_path):
     rng = random.Random(0)
@@ -192,49 +149,6 @@ def test_a_10mb_document_streams_into_windows(tmp_path):
     assert first[0]["input"][0, 0].item() == 151644  # BOS of the big document
     state = loader.state_dict()
     assert len(state_pending(state)) > 1_000_000  # the rest of the document waits, packed lazily
-
-
-@pytest.mark.slow
-def test_sample_corpus_is_fineweb_parquet_and_cached(tmp_path):
-    path = sample_corpus(tmp_path, max_files=60)
-    shards_found = sorted(path.glob("*.parquet"))
-    assert shards_found
-    meta = pq.ParquetFile(shards_found[0])
-    assert meta.schema_arrow.equals(FINEWEB_SCHEMA) and meta.num_row_groups > 1
-    stamp = (path / "COMPLETE").stat().st_mtime_ns
-    assert sample_corpus(tmp_path, max_files=60) == path and (path / "COMPLETE").stat().st_mtime_ns == stamp
-    again = sample_corpus(tmp_path / "other", max_files=60)
-    first_texts = pq.read_table(shards_found[0]).column("text").to_pylist()
-    assert first_texts == pq.read_table(sorted(again.glob("*.parquet"))[0]).column("text").to_pylist()
-
-
-@pytest.mark.slow
-def test_sample_corpus_is_shuffled_deterministically_with_a_disjoint_held_out_split(tmp_path):
-    from argonne_dt.corpus import sample_held_out, stdlib_documents
-
-    def texts(directory):
-        return [t for f in sorted(directory.glob("*.parquet")) for t in pq.read_table(f).column("text").to_pylist()]
-
-    training, held_out = texts(sample_corpus(tmp_path, max_files=60)), texts(sample_held_out(tmp_path, max_files=60))
-    module_order = list(stdlib_documents(max_files=60))
-    assert sorted(training + held_out) == sorted(module_order) and not set(training) & set(held_out)
-    assert len(held_out) == -(-len(module_order) // 20)
-    assert training[:10] != [t for t in module_order if t not in held_out][:10]  # not module order
-    assert texts(sample_corpus(tmp_path / "again", max_files=60)) == training
-    assert texts(sample_held_out(tmp_path / "again", max_files=60)) == held_out
-
-
-def test_convert_text_jsonl_and_parquet(tmp_path):
-    (tmp_path / "a.txt").write_text("a plain text document")
-    (tmp_path / "b.jsonl").write_text('{"text": "first json"}\n\n{"text": "second json"}\n')
-    source = write_parquet(tmp_path / "c.parquet", ["from parquet"])
-    out = convert_to_shards([tmp_path / "a.txt", tmp_path / "b.jsonl", source], tmp_path / "out")
-    table = pq.read_table(out[0])
-    assert table.schema.equals(FINEWEB_SCHEMA)
-    assert table.column("text").to_pylist() == ["a plain text document", "first json", "second json", "from parquet"]
-    (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
-        convert_to_shards([tmp_path / "bad.jsonl"], tmp_path / "out2")
 
 
 def test_fsspec_urls_are_listed_and_streamed(shards, tmp_path):
@@ -277,70 +191,6 @@ def test_a_layout_without_rows_for_every_rank_fails_at_start_up(tmp_path):
     with pytest.raises(DataError, match=r"data.eval_paths: 2 readable rows in 1 file\(s\) cannot give each of 3 "
                                         r"data-parallel ranks a share"):
         plan_shares(files, 3, loader_config(), source="data.eval_paths")
-
-
-class _FlakyFile:
-    """A file whose reads fail while the shared budget of failures lasts."""
-
-    def __init__(self, inner, failures):
-        self._inner, self._failures = inner, failures
-
-    def read(self, *args):
-        if self._failures["left"] > 0:
-            self._failures["left"] -= 1
-            raise OSError("connection reset by peer")
-        return self._inner.read(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def test_transient_read_errors_are_retried_not_skipped(shards, caplog):
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    failures = {"left": 0}
-
-    class FlakyFileSystem(LocalFileSystem):
-        protocol = "flaky"
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            return super()._strip_protocol(str(path).removeprefix("flaky://"))
-
-        def _open(self, path, mode="rb", **kwargs):
-            return _FlakyFile(super()._open(path, mode, **kwargs), failures)
-
-    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
-    files, docs = shards
-    urls = [f"flaky://{path}" for path in files]
-    failures["left"] = 3  # the first file's footer: three failed reads, then one that works
-    reader = reader_of(urls, loop=False)
-    failures["left"] = 2  # and the first row group
-    with caplog.at_level(logging.WARNING):
-        texts = [t for batch in reader for t in batch.texts]
-    assert texts == rank_texts(files, 0, 1) and sorted(texts) == sorted(docs)
-    assert reader.get_state()["bad_shards"] == []
-    assert caplog.text.count("connection reset by peer; retrying") == 5
-
-
-def test_a_corrupt_row_group_skips_that_row_group_only(tmp_path, caplog):
-    docs = documents(24, seed=6)
-    path = tmp_path / "corrupt.parquet"
-    corrupt_row_group(path, docs, row_group_size=8, corrupt=1)
-    after = write_parquet(tmp_path / "next.parquet", documents(5, seed=7))
-    reader = reader_of([str(path), after], loop=False)
-    with caplog.at_level(logging.WARNING):
-        texts = [t for batch in reader for t in batch.texts]
-    assert texts == docs[:8] + docs[16:] + documents(5, seed=7)
-    assert reader.get_state()["bad_shards"] == [f"{path} row group 1"]
-
-
-def test_a_share_with_nothing_readable_names_its_files(tmp_path):
-    path = tmp_path / "only.parquet"
-    corrupt_row_group(path, documents(8, seed=3), row_group_size=8, corrupt=0)
-    with pytest.raises(DataError, match=r"no readable rows for dp rank 0 in its 1 segment\(s\) of .*only.parquet"):
-        list(islice(reader_of([str(path)], loop=True), 3))
 
 
 def _windows(batch: dict) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Log windows, progress and ETA, progress of long tools, metrics after a resume."""
+"""Log windows, progress and ETA, progress of long tools, metrics after a resume, samples on one console line."""
 
 import io
 import json
@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 
-from argonne_dt.metrics import LogWindow, MetricsLogger, ProgressReporter, duration, eta_seconds, progress_text
+from argonne_dt.metrics import (LogWindow, MetricsLogger, ProgressReporter, duration, eta_seconds, one_line,
+                                progress_text)
 
 
 def test_window_means_the_steps_since_the_previous_line_and_skips_non_finite_steps():
@@ -106,3 +107,23 @@ def test_the_package_logger_speaks_on_rank_zero_and_warns_on_every_rank(capsys, 
     out, err = capsys.readouterr()
     assert out == "a signal of this rank\n"
     assert err == "WARNING argonne_dt.test_logger: this rank's bad shard\n"
+
+
+def test_a_sample_is_one_console_line_and_kept_as_is_elsewhere(tmp_path, capsys):
+    sample = "Long long time ago, " + "\n" * 30 + "there  was\ta\r\n\n  king. " + "word " * 100
+    assert one_line("a \n\n b\t c") == "a\\nb c"
+    line = one_line(sample)
+    assert line.startswith("Long long time ago,\\nthere was a\\nking. word word") and len(line) == 200
+    assert line.endswith("...") and one_line("short") == "short"
+    # The cut falls before a newline's "\\n", never between its two characters.
+    assert one_line("x" * 10 + "\n" + "y" * 10, limit=14) == "x" * 10 + "..."
+
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    texts = []
+    logger.writer = type("Writer", (), {"add_text": lambda self, *args: texts.append(args), "close": lambda self: None})()
+    logger.text(100, "sample", sample)
+    logger.close()
+    printed = capsys.readouterr().out
+    assert printed == f"step     100 | sample: {line}\n"
+    assert texts == [("sample", sample, 100)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 100, "sample": sample}
