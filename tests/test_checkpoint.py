@@ -12,6 +12,7 @@ from argonne_dt.checkpoint import (
 from argonne_dt.config import Config
 from argonne_dt.inference import load_model
 from argonne_dt.model import ArgonneModel
+from helpers.checkpoints import assert_restores
 from helpers.models import odd_model_config
 
 
@@ -79,11 +80,7 @@ def test_a_complete_checkpoint_survives_a_resave_and_a_crashed_save(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         saver.save(4, cfg.to_dict())
     assert complete_checkpoints(saver.root) == [first]
-    reloaded, reloaded_progress = ArgonneModel(cfg.model), Progress()
-    Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False, model_state=ModelOptimizerState(reloaded, None),
-                 states={"progress": reloaded_progress}).restore(first)
-    assert reloaded_progress == Progress(step=2)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    assert_restores(first, model, step=2)
 
 
 def test_resume_names_changed_settings_and_refuses_model_values_the_weights_depend_on(tmp_path):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from argonne_dt.data import (DataError, Position, QualityFilterTokenizer, TextBatch, batches_for, expand_paths,
+from argonne_dt.data import (DataError, Position, QualityFilterTokenizer, TextBatch, expand_paths,
                              plan_shares)
 from argonne_dt.tokenizer import load_tokenizer
-from helpers.documents import WORDS, documents, dp_layout, record_documents, write_parquet
-from helpers.loaders import batches, loader_config, loader_of, rank_texts, reader_of, state_pending
+from helpers.documents import WORDS, documents, record_documents, write_parquet
+from helpers.loaders import Resharding, batches, loader_config, loader_of, rank_texts, reader_of, state_pending
 
 
 def test_natural_order_of_files(shards, tmp_path):
@@ -211,25 +211,20 @@ def test_a_change_of_dp_size_consumes_the_rest_of_the_epoch_exactly_once(shards,
     cfg = loader_config(paths=files, loop=False, prefetch=0)  # a saving run's plan is made again from data.paths
     taken: list[tuple] = []
     record_documents(monkeypatch, lambda packer, doc: taken.append(tuple(doc)))
-    states, emitted, carried = {}, 0, 0
-    for stage, size in enumerate(sizes):
-        last = stage == len(sizes) - 1
-        saved, states = states, {}
-        for rank in range(size):
-            reader = batches_for(cfg, 1, dp_layout(rank, size))
-            if saved:
-                reader.load_state_dict(saved)
-            # Mid-document and mid-segment, unevenly; the last run reads to the end.
-            stream = [_windows(batch).ravel() for batch in islice(iter(reader), None if last else 9 + 4 * rank)]
-            stream = np.concatenate(stream) if stream else np.zeros(0, dtype=np.int64)
-            if saved:
-                old = len(saved)
-                leftovers = [state_pending(saved[f"dp_rank_{k}"]) for k in range(rank, old, size)]
-                leftovers = np.concatenate(leftovers) if leftovers else np.zeros(0, dtype=np.int64)
-                assert np.array_equal(stream[: len(leftovers)], leftovers), (stage, rank)
-                carried += len(leftovers)
-            emitted += stream.size
-            states.update(reader.state_dict())
+    runs = Resharding(cfg, sizes)
+    emitted, carried = 0, 0
+    for stage, rank, reader in runs:
+        last, saved, size = stage == len(sizes) - 1, runs.saved, sizes[stage]
+        # Mid-document and mid-segment, unevenly; the last run reads to the end.
+        stream = [_windows(batch).ravel() for batch in islice(iter(reader), None if last else 9 + 4 * rank)]
+        stream = np.concatenate(stream) if stream else np.zeros(0, dtype=np.int64)
+        if saved:
+            old = len(saved)
+            leftovers = [state_pending(saved[f"dp_rank_{k}"]) for k in range(rank, old, size)]
+            leftovers = np.concatenate(leftovers) if leftovers else np.zeros(0, dtype=np.int64)
+            assert np.array_equal(stream[: len(leftovers)], leftovers), (stage, rank)
+            carried += len(leftovers)
+        emitted += stream.size
     assert carried > 0  # runs stopped mid-document
     epoch = QualityFilterTokenizer(cfg)(TextBatch(docs, Position(0))).docs
     assert Counter(taken) == Counter(map(tuple, epoch))

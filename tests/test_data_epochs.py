@@ -26,6 +26,7 @@ from argonne_dt.data import (
 )
 from argonne_dt.evaluation import Evaluator, evaluate
 from helpers.documents import WORDS, dp_layout, record_documents, write_parquet
+from helpers.loaders import Resharding
 
 
 def config(**overrides) -> DataConfig:
@@ -95,27 +96,22 @@ def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, mon
     record_documents(monkeypatch, lambda packer, doc: taken.append(
         (tuple(doc), packer._batch.positions[packer._doc_index - 1].epoch)))
     window = cfg.seq_len + 1
-    states, emitted, newest, drifted = {}, 0, 0, []
-    for stage, size in enumerate(sizes):
-        last = stage == len(sizes) - 1
-        saved, states = states, {}
-        for rank in range(size):
-            reader = batches_for(cfg, 1, dp_layout(rank, size))
-            if saved:
-                reader.load_state_dict(saved)
-            batches = iter(reader)
-            if last:  # to the first document of the epoch after the newest one any old rank reached
-                before = len(taken)
-                while not any(epoch > newest for _, epoch in taken[before:]):
-                    next(batches)
-                    emitted += window
-            else:
-                emitted += window * len(list(islice(batches, 40 if stage == 0 else 120)))
-            states.update(reader.state_dict())
-        if not last:
-            epochs = [_packer_state(state)["position"].epoch for state in states.values()]
+    runs = Resharding(cfg, sizes)
+    emitted, newest, drifted = 0, 0, []
+    for stage, rank, reader in runs:
+        if stage and rank == 0:  # what the previous size saved
+            epochs = [_packer_state(state)["position"].epoch for state in runs.saved.values()]
             drifted.append(len(set(epochs)) > 1)
             newest = max(epochs)
+        batches = iter(reader)
+        if stage == len(sizes) - 1:  # to the first document of the epoch after the newest one any old rank reached
+            before = len(taken)
+            while not any(epoch > newest for _, epoch in taken[before:]):
+                next(batches)
+                emitted += window
+        else:
+            emitted += window * len(list(islice(batches, 40 if stage == 0 else 120)))
+    states = runs.states
     assert all(drifted) and newest >= 2  # every change happened with ranks in different epochs
     epoch_docs = QualityFilterTokenizer(cfg)(TextBatch(texts, Position(0))).docs
     reads = Counter(doc for doc, epoch in taken if epoch <= newest)

@@ -15,6 +15,7 @@ from argonne_dt import distributed, model as model_module
 from argonne_dt.config import Config, ConfigError, ParallelConfig, load_config
 from argonne_dt.generate import SamplingConfig, generate
 from argonne_dt.model import ArgonneModel
+from helpers.checkpoints import assert_restores
 from helpers.models import odd_model_config
 
 EQUAL_PROMPTS = [[5, 17, 99, 3], [42, 43, 44, 45]]
@@ -217,11 +218,7 @@ def test_one_stager_per_run_closed_at_the_end_and_resume_is_bit_equal(tmp_path, 
     else:  # one per save, each closed after its save
         assert [(s.staged, s.closed) for s in _RecordingStager.made] == [(1, True), (1, True)]
     assert len(list(last.glob("*.distcp"))) == 3  # one file per writer thread
-    reloaded, reloaded_progress = ArgonneModel(odd_config), Progress()
-    Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False, model_state=ModelOptimizerState(reloaded, None),
-                 states={"progress": reloaded_progress}).restore(last)
-    assert reloaded_progress == Progress(step=2)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    assert_restores(last, model, step=2)
 
 
 def test_staging_is_pinned_and_non_blocking_on_gpus_and_finishes_in_the_save(monkeypatch):

@@ -4,7 +4,9 @@ and reader, the batches and texts they give, the packer's pending tokens in a sa
 from itertools import islice
 
 from argonne_dt.config import DataConfig
-from argonne_dt.data import ParquetDocumentReader, plan_shares, share_loader
+from argonne_dt.data import ParquetDocumentReader, batches_for, plan_shares, share_loader
+
+from .documents import dp_layout
 
 
 def loader_config(**overrides) -> DataConfig:
@@ -41,3 +43,24 @@ def reader_of(files, rank=0, size=1, **overrides) -> ParquetDocumentReader:
 
 def rank_texts(files, rank, size):
     return [t for batch in reader_of(files, rank, size, loop=False, on_bad_shard="error") for t in batch.texts]
+
+
+class Resharding:
+    """Readers (``batches_for``, one dp rank each, micro-batch 1) through the dp sizes of ``sizes`` in
+    turn, each size's ranks resumed from the positions the previous size saved. Iterating yields
+    ``(stage, rank, reader)``; once the caller is done with a reader its state is kept: ``saved`` is
+    the previous size's states during a stage, ``states`` the current (after the loop: the last) size's."""
+
+    def __init__(self, cfg, sizes):
+        self.cfg, self.sizes = cfg, sizes
+        self.saved, self.states = {}, {}
+
+    def __iter__(self):
+        for stage, size in enumerate(self.sizes):
+            self.saved, self.states = self.states, {}
+            for rank in range(size):
+                reader = batches_for(self.cfg, 1, dp_layout(rank, size))
+                if self.saved:
+                    reader.load_state_dict(self.saved)
+                yield stage, rank, reader
+                self.states.update(reader.state_dict())
