@@ -219,7 +219,8 @@ class Checkpointer:
             return latest
         if self.config.checkpoint.initial_load_path:
             initial = resolve_checkpoint(self.config.checkpoint.initial_load_path)
-            config_changes(initial, self.config)  # refuses model settings the weights were not trained with
+            # Refuses model settings the weights were not trained with; a new run may hold out other rows.
+            config_changes(initial, self.config, resuming=False)
             load_checkpoint(initial, ModelOptimizerState(self.model_state.model, None), self.process_group)
             return initial
         return None

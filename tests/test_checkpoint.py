@@ -146,3 +146,24 @@ def test_a_state_that_cannot_be_restored_names_the_checkpoint_and_the_state(tmp_
                              model_state=ModelOptimizerState(ArgonneModel(cfg.model), None), states={"data": Refusing()})
     with pytest.raises(CheckpointError, match=r"step-00000001: cannot restore its data state: the data position points"):
         restoring.restore(saved)
+
+
+def test_a_run_started_from_other_weights_may_hold_out_another_split_but_a_resume_may_not(tmp_path):
+    from argonne_dt.checkpoint import Checkpointer
+    from argonne_dt.trainer import Progress
+
+    donor_cfg = _config()
+    donor_cfg.data.eval_split = 0.0
+    donor = ArgonneModel(donor_cfg.model)
+    donor.init_weights(seed=3)
+    weights = write_model_checkpoint(donor, donor_cfg, tmp_path / "donor")
+    cfg = _config()
+    cfg.job.dir, cfg.checkpoint.initial_load_path, cfg.data.eval_split = str(tmp_path / "run"), str(weights), 0.005
+    model, progress = ArgonneModel(cfg.model), Progress()
+    checkpointer = Checkpointer.for_run(cfg, ModelOptimizerState(model, None), {"progress": progress})
+    assert checkpointer.load() == weights
+    assert all(torch.equal(a, b) for a, b in zip(donor.state_dict().values(), model.state_dict().values()))
+    checkpointer.maybe_save(1, force=True)
+    cfg.data.eval_split = 0.01  # the run's own checkpoint: its rows were cut with 0.005
+    with pytest.raises(CheckpointError, match=r"data.eval_split is 0.01 in this config but 0.005"):
+        Checkpointer.for_run(cfg, ModelOptimizerState(ArgonneModel(cfg.model), None), {"progress": Progress()}).load()
