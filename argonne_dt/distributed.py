@@ -155,6 +155,9 @@ class ParallelLayout:
     @property
     def tokens_per_micro_batch(self) -> int:
         """Tokens of one micro-batch of one dp rank."""
+        if not self.seq_len:
+            raise ValueError("this layout was built without the run's batch: build_layout(..., train=cfg.train, "
+                             "seq_len=cfg.data.seq_len), or run_layout(cfg), knows its tokens")
         return self.micro_batch_size * self.seq_len
 
     @property

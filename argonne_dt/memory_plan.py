@@ -568,16 +568,17 @@ def fsdp_exposed_seconds(gather_s: float, scatter_s: float, in_line_s: float, fi
     return gathers + scatter + in_line_s
 
 
-def _sequences_per_step(train: TrainConfig) -> int:
-    """The planned step's sequences: ``train.global_batch_size``, else micro_batch_size x grad_accum_steps."""
-    return train.global_batch_size or train.micro_batch_size * train.grad_accum_steps
-
-
-def _micro_batches(train: TrainConfig, micro_batch: int, dp: int) -> int:
-    """Micro-batches per dp rank of the planned step at ``micro_batch`` sequences on ``dp`` ranks, as
-    the layout divides a global batch (``distributed.grad_accum_steps``)."""
-    step = replace(train, micro_batch_size=micro_batch, grad_accum_steps=1, global_batch_size=_sequences_per_step(train))
-    return grad_accum_steps(step, dp)
+def step_batch(train: TrainConfig, micro_batch: int, dp: int) -> tuple[int, int]:
+    """(sequences, micro-batches per dp rank) of the step the trainer runs with ``train`` at
+    ``micro_batch`` sequences a micro-batch on ``dp`` ranks, as the layout divides it
+    (``distributed.grad_accum_steps``): ``train.global_batch_size`` whatever the layout, else
+    ``train.grad_accum_steps`` micro-batches on each rank."""
+    accumulation = 1 if train.global_batch_size else train.grad_accum_steps
+    try:
+        micro_batches = grad_accum_steps(replace(train, micro_batch_size=micro_batch, grad_accum_steps=accumulation), dp)
+    except ConfigError as err:
+        raise ConfigError(f"a micro-batch of {micro_batch} on {dp} dp rank(s): {err}") from None
+    return micro_batch * micro_batches * dp, micro_batches
 
 
 def _planned_memory(m: ModelConfig, params: int, acts: ActivationBytes, tp: int, dp: int, reshard: bool,
@@ -636,18 +637,19 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
          teacher: str | None = None, teacher_fsdp: bool = False) -> dict:
     """Per-GPU memory, communication and predicted step time of a run with tensor parallelism
     ``tp`` (with sequence parallelism) x FSDP2 over ``dp`` on ``gpu``; with ``teacher`` (a Qwen2.5
-    name), of distilling from it. One optimizer step is the config's ``train.global_batch_size``."""
+    name), of distilling from it. One optimizer step is the one the trainer runs (``step_batch``)."""
     cfg = load_config(config)
     m, gpu_spec = cfg.model, GPUS[gpu]
+    parallel = replace(cfg.parallel, sequence_parallel=True)  # the planner plans TP with sequence parallelism
     seq = seq or cfg.data.seq_len
-    sequences, micro_batches = _sequences_per_step(cfg.train), _micro_batches(cfg.train, micro_batch, dp)
+    sequences, micro_batches = step_batch(cfg.train, micro_batch, dp)
     check_tp_divides(m, tp)
-    params = local_parameter_count(m, cfg.parallel, tp, dp)
+    params = local_parameter_count(m, parallel, tp, dp)
     expected = closed_form_parameters(m, tp, dp)
     if params != expected:
         raise AssertionError(f"meta-device shards hold {params:,} parameters, the closed form says {expected:,}")
     reshard = tp * dp <= gpu_spec.per_node  # parallelize.reshard_after_forward's "auto": dp within a node
-    acts = measured_activations(m, tp, True, ac, micro_batch, seq)
+    acts = measured_activations(m, tp, parallel.sequence_parallel, ac, micro_batch, seq)
     memory = _planned_memory(m, params, acts, tp, dp, reshard, micro_batch, seq, micro_batches)
     flops_per_token = _flops_per_token(astuple(m), seq)
     forward_per_token = flops_per_token / 3  # forward: a third of forward + backward
@@ -657,7 +659,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
     executed_per_token = flops_per_token + ((flops_per_token - lm_head) / 3 if ac == "full" else 0)
     distilling, teacher_shape = {}, None
     if teacher:
-        extra = teacher_bytes(teacher, m, cfg.parallel, tp, dp, micro_batch, seq, teacher_fsdp)
+        extra = teacher_bytes(teacher, m, parallel, tp, dp, micro_batch, seq, teacher_fsdp)
         distilling = {"teacher": teacher, "teacher_fsdp": teacher_fsdp, "teacher_runs": extra["runs"],
                       "teacher_reason": extra.get("reason", "")}
         if extra["runs"]:
@@ -682,7 +684,8 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
     fits = total <= gpu_spec.memory_gib * GIB and distilling.get("teacher_runs", True)
     return {
         "config": config, "gpu": gpu, "gpus": gpus, "tp": tp, "dp": dp, "micro_batch": micro_batch,
-        "micro_batches": micro_batches, "seq_len": seq, "activation_checkpoint": ac, "sequence_parallel": tp > 1,
+        "micro_batches": micro_batches, "seq_len": seq, "tokens_per_step": step_tokens,
+        "activation_checkpoint": ac, "sequence_parallel": tp > 1,
         "local_parameters": params, **distilling,
         "memory_gib": {k: v / GIB for k, v in memory.items()}, "reserve_gib": {k: v / GIB for k, v in reserve.items()},
         "activations_per_layer_gib": acts.block_kept / GIB, "loss_chunk": acts.loss_chunk,
@@ -701,7 +704,6 @@ def layouts(config: str, gpus: int, gpu: str, teacher: str | None = None, teache
     """Every layout of ``gpus`` GPUs (tp within a node x dp, checkpoint mode, micro-batch) that fits,
     fastest first (then the least memory)."""
     cfg = load_config(config)
-    sequences = _sequences_per_step(cfg.train)
     rows = []
     for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and t <= GPUS[gpu].per_node):
         try:
@@ -709,7 +711,11 @@ def layouts(config: str, gpus: int, gpu: str, teacher: str | None = None, teache
         except ConfigError:
             continue
         dp = gpus // tp
-        for micro_batch in (b for b in (1, 2, 4, 8, 16) if sequences % (b * dp) == 0):
+        for micro_batch in (1, 2, 4, 8, 16):
+            try:
+                step_batch(cfg.train, micro_batch, dp)
+            except ConfigError:  # the global batch cannot be formed from it on dp ranks
+                continue
             for ac in ("none", "selective", "full"):
                 rows.append(plan(config, tp, dp, gpu, micro_batch, None, ac, teacher, teacher_fsdp))
     fitting = [r for r in rows if r["fits"]]

@@ -10,7 +10,7 @@ Memory is measured (see ``argonne_dt/memory_plan.py``): parameters from the para
 activations from a block's step at the planned shape, the loss's transient from its own code path.
 Communication is the closed form tested against a real step's collectives. Step time = FLOPs at
 the GPU's stated matmul efficiency + tensor-parallel collectives (exposed) + what FSDP2's
-collectives add beyond the compute they overlap (``plan.fsdp_exposed_seconds``), over the stated
+collectives add beyond the compute they overlap (``memory_plan.fsdp_exposed_seconds``), over the stated
 link bandwidths.
 """
 

@@ -105,3 +105,28 @@ def test_distillation_counts_the_teachers_collectives():
     # With its blocks sharded over dp: each gathered once per micro-batch, in bf16 (no backward).
     teacher_block = _padded(_local_tensor_shapes(teacher, 2)[0], 2)
     assert sharded[("all_gather", "dp")] - alone[("all_gather", "dp")] == micro_batches * 3 * 2 * teacher_block
+
+
+@pytest.mark.parametrize("config, tp, dp, micro_batch", [("tiny.toml", 1, 2, 2), ("tiny.toml", 2, 3, 4),
+                                                         ("4b9.toml", 8, 2, 2), ("4b9.toml", 4, 2, 1)])
+def test_the_planned_step_is_the_one_the_layout_of_that_run_computes(config, tp, dp, micro_batch):
+    from dataclasses import replace
+
+    from argonne_dt.config import load_config
+    from argonne_dt.distributed import build_layout
+    from argonne_dt.memory_plan import fake_world, plan
+
+    cfg = load_config(config)
+    row = plan(config, tp, dp, "a100-80gb", micro_batch, None, "full")
+    with fake_world(tp * dp):
+        layout = build_layout(replace(cfg.parallel, tp=tp, dp=dp), "cpu",
+                              train=replace(cfg.train, micro_batch_size=micro_batch), seq_len=cfg.data.seq_len)
+    assert (row["micro_batches"], row["tokens_per_step"]) == (layout.grad_accum_steps, layout.tokens_per_step)
+
+
+def test_a_micro_batch_the_global_batch_cannot_be_formed_from_is_named():
+    from argonne_dt.config import ConfigError
+    from argonne_dt.memory_plan import plan
+
+    with pytest.raises(ConfigError, match=r"a micro-batch of 3 on 2 dp rank\(s\): train.global_batch_size=16"):
+        plan("4b9.toml", 4, 2, "a100-80gb", 3, None, "full")
