@@ -67,7 +67,7 @@ def train_step(model, optimizer, micro_batches: list[dict], device: torch.device
     totals = torch.stack(list(sums.values()))
     dp = 1
     if layout is not None and layout.dp_group is not None:
-        # The tp ranks of a dp group hold the same terms: the mean over the dp group is everyone's.
+        # The ranks of a tp group hold the same terms (one batch): the mean over the dp group is everyone's.
         dist.all_reduce(totals, group=layout.dp_group)
         dp = layout.dp
     # The step's one wait for the device: its terms and gradient norm read together.

@@ -4,19 +4,23 @@
 """
 
 import argparse
+import sys
 
+from argonne_dt.errors import run_reporting_user_errors
 from argonne_dt.hf import export_hf
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or step directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
+    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
     args = parser.parse_args()
-    print(export_hf(args.checkpoint, args.out, args.dtype, int(args.max_shard_gb * 2**30)))
+    return run_reporting_user_errors(
+        lambda: print(export_hf(args.checkpoint, args.out, args.dtype, int(args.max_shard_gb * 2**30))), args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

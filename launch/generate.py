@@ -9,10 +9,11 @@ import argparse
 import os
 import sys
 
+from argonne_dt.errors import run_reporting_user_errors
 from argonne_dt.generate import SamplingConfig, generate_from_checkpoint
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or step directory")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
@@ -23,9 +24,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
     args = parser.parse_args()
-    sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
-                              args.top_p, args.repetition_penalty, args.seed)
 
     def main_rank() -> bool:  # torchrun's RANK: the process group starts later, when the model loads
         return os.environ.get("RANK", "0") == "0"
@@ -35,16 +35,21 @@ def main() -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    single = len(args.prompt) == 1
-    if single:
-        stream(args.prompt[0])
-    texts = generate_from_checkpoint(args.checkpoint, args.prompt, sampling, stream if single else None)
-    if single:
-        stream("\n")
-    elif main_rank():
-        for prompt, text in zip(args.prompt, texts):
-            print(f"--- {prompt!r}\n{prompt}{text}")
+    def generate() -> None:
+        sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
+                                  args.top_p, args.repetition_penalty, args.seed)
+        single = len(args.prompt) == 1
+        if single:
+            stream(args.prompt[0])
+        texts = generate_from_checkpoint(args.checkpoint, args.prompt, sampling, stream if single else None)
+        if single:
+            stream("\n")
+        elif main_rank():
+            for prompt, text in zip(args.prompt, texts):
+                print(f"--- {prompt!r}\n{prompt}{text}")
+
+    return run_reporting_user_errors(generate, args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,18 +5,21 @@
 """
 
 import argparse
+import sys
 
+from argonne_dt.errors import run_reporting_user_errors
 from argonne_dt.hf import import_hf
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--tokenizer", default="qwen2.5")
+    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
     args = parser.parse_args()
-    print(import_hf(args.hf, args.out, args.tokenizer))
+    return run_reporting_user_errors(lambda: print(import_hf(args.hf, args.out, args.tokenizer)), args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,6 +53,17 @@ def test_bad_override_exits_with_a_message():
     assert "unknown section [trian] (did you mean 'train'?)" in done.stderr
 
 
+@pytest.mark.parametrize("command, message", [
+    (["launch/generate.py", "--checkpoint", "nowhere", "--prompt", "a", "--top-p", "0"],
+     "config error: sampling top_p must be in (0, 1] (1: off), got 0.0"),
+    (["launch/export_hf.py", "--checkpoint", "nowhere", "--out", "nowhere-hf"],
+     "checkpoint error: nowhere: no complete checkpoint here"),
+])
+def test_the_tools_end_a_bad_value_with_one_line(command, message):
+    done = run([sys.executable, *command])
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
