@@ -99,22 +99,11 @@ def _dp_rank_whose_data_fails(job_dir: str, corpus: str) -> tuple[str, str, int]
     import torch.distributed as dist
 
     from argonne_dt.trainer import Trainer
-    from helpers.runs import make_config
+    from helpers.runs import fail_data_at_step, make_config
 
     trainer = Trainer(make_config(job_dir, corpus, **{"checkpoint.every": 0}))
     if dist.get_rank() == 1:
-        real = trainer.next_micro_batches.__func__
-
-        def unreadable():
-            raise UnicodeError("undecodable bytes")
-            yield
-
-        def failing(self):
-            if self.progress.step == 2:
-                self.batches = unreadable()
-            return real(self)
-
-        trainer.next_micro_batches = failing.__get__(trainer)
+        fail_data_at_step(trainer, 2)
     try:
         trainer.run()
     except Exception as err:

@@ -26,7 +26,7 @@ from argonne_dt.data import (
 )
 from argonne_dt.evaluation import Evaluator, evaluate
 from helpers.documents import WORDS, dp_layout, record_documents, write_parquet
-from helpers.loaders import Resharding
+from helpers.loaders import Resharding, packer_state
 
 
 def config(**overrides) -> DataConfig:
@@ -73,17 +73,6 @@ def _drifting_corpus(tmp_path) -> tuple[list[str], list[str]]:
     return [write_parquet(tmp_path / "mixed.parquet", short + long, row_group_size=5)], short + long
 
 
-def _packer_state(state: dict) -> dict:
-    stack = [state]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if "pending" in node:
-                return node
-            stack.extend(node.values())
-    raise AssertionError("no packer state")
-
-
 @pytest.mark.parametrize("sizes", [(2, 1), (2, 3, 1)])
 def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, monkeypatch, sizes):
     """Equal batches per rank, unequal documents: the ranks drift into different epochs before
@@ -100,7 +89,7 @@ def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, mon
     emitted, newest, drifted = 0, 0, []
     for stage, rank, reader in runs:
         if stage and rank == 0:  # what the previous size saved
-            epochs = [_packer_state(state)["position"].epoch for state in runs.saved.values()]
+            epochs = [packer_state(state)["position"].epoch for state in runs.saved.values()]
             drifted.append(len(set(epochs)) > 1)
             newest = max(epochs)
         batches = iter(reader)
@@ -116,7 +105,7 @@ def test_a_change_of_dp_size_keeps_every_documents_reads_per_epoch(tmp_path, mon
     epoch_docs = QualityFilterTokenizer(cfg)(TextBatch(texts, Position(0))).docs
     reads = Counter(doc for doc, epoch in taken if epoch <= newest)
     assert reads == Counter({tuple(doc): newest + 1 for doc in epoch_docs})
-    pending = sum(len(_packer_state(state)["pending"]) for state in states.values())
+    pending = sum(len(packer_state(state)["pending"]) for state in states.values())
     assert sum(len(doc) for doc, _ in taken) == emitted + pending
 
 

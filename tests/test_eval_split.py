@@ -17,10 +17,10 @@ from argonne_dt.data import (
     Position,
     QualityFilterTokenizer,
     TextBatch,
-    batches_for,
     plan_shares,
 )
-from helpers.documents import documents, dp_layout, record_documents, write_parquet
+from helpers.documents import documents, record_documents, write_parquet
+from helpers.loaders import Resharding
 
 ROOT = Path(__file__).parents[1]
 
@@ -101,16 +101,8 @@ def test_a_resume_on_another_dp_size_never_reads_the_held_out_rows(corpus, monke
     cfg = config(files, loop=False)
     taken: list[tuple] = []
     record_documents(monkeypatch, lambda packer, doc: taken.append(tuple(doc)))
-    saved = {}
-    for stage, size in enumerate((2, 3)):
-        states = {}
-        for rank in range(size):
-            reader = batches_for(cfg, 1, dp_layout(rank, size))
-            if saved:
-                reader.load_state_dict(saved)
-            list(islice(iter(reader), 7 if stage == 0 else None))
-            states.update(reader.state_dict())
-        saved = states
+    for stage, _, reader in Resharding(cfg, (2, 3)):
+        list(islice(iter(reader), 7 if stage == 0 else None))
     tokenized = {text: tuple(doc) for text, doc in zip(docs, QualityFilterTokenizer(cfg)(TextBatch(docs, Position(0))).docs)}
     held_out_texts = set(held_out_in_order(corpus, cfg))
     assert len(held_out_texts) == 10

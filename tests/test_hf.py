@@ -6,23 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from argonne_dt.checkpoint import write_model_checkpoint
 from argonne_dt.inference import load_model
-from argonne_dt.config import Config, ModelConfig
 from argonne_dt.generate import SamplingConfig, generate
 from argonne_dt.hf import export_hf, import_hf
-from argonne_dt.model import ArgonneModel
+from helpers.models import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = Config()
-    cfg.model = ModelConfig(vocab_size=151_665, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=16, max_seq_len=64, init_std=0.1)
-    cfg.data.seq_len = 32
-    model = ArgonneModel(cfg.model)
-    model.init_weights(seed=11)
-    return write_model_checkpoint(model, cfg, tmp_path_factory.mktemp("ckpt") / "tiny")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=11)
 
 
 @pytest.fixture(scope="module")

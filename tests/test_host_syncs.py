@@ -37,7 +37,7 @@ def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> dict:
 
     from argonne_dt import trainer as trainer_module
     from argonne_dt.trainer import Trainer
-    from helpers.runs import make_config
+    from helpers.runs import fail_data_at_step, make_config
 
     reads = {"count": 0, "in_decision": False}
     decisions: list[tuple[str, bool]] = []
@@ -86,18 +86,7 @@ def _reads_between_steps(job_dir: str, corpus: str, overrides: dict) -> dict:
         return read
 
     trainer = Trainer(make_config(job_dir, corpus, **overrides))
-    real_next = trainer.next_micro_batches
-
-    def unreadable():
-        raise UnicodeError("undecodable bytes")
-        yield
-
-    def last_step_data_fails():  # the error is a shared decision too
-        if trainer.progress.step == trainer.cfg.train.steps - 1:
-            trainer.batches = unreadable()
-        return real_next()
-
-    trainer.next_micro_batches = last_step_data_fails
+    fail_data_at_step(trainer, trainer.cfg.train.steps - 1)  # the error is a shared decision too
     marks: list[tuple[int, int]] = []
     for name in real:
         setattr(torch.Tensor, name, counted(name))

@@ -24,16 +24,21 @@ def loader_of(cfg, micro_batch_size, files, dp_rank=0, dp_size=1):
     return share_loader(cfg, micro_batch_size, plan_shares(files, dp_size, cfg), dp_rank)
 
 
-def state_pending(state):
-    """The packer's pending tokens, found in the nested torchdata state."""
+def packer_state(state):
+    """The packer's own state (its position and pending tokens), found in the nested torchdata state."""
     stack = [state]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             if "pending" in node:
-                return node["pending"]
+                return node
             stack.extend(node.values())
     raise AssertionError("no packer state")
+
+
+def state_pending(state):
+    """The packer's pending tokens in a saved state."""
+    return packer_state(state)["pending"]
 
 
 def reader_of(files, rank=0, size=1, **overrides) -> ParquetDocumentReader:

@@ -52,3 +52,20 @@ def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     dcp_to_torch_save(str(checkpoint), str(target))
     state = torch.load(target, weights_only=False)
     return state["train"]["model"]
+
+
+def fail_data_at_step(trainer, step: int) -> None:
+    """From step ``step`` on, the built ``trainer``'s data raises an error that is not a ``DataError``
+    (undecodable bytes), as a reader meeting a corrupt file would."""
+    real_next = trainer.next_micro_batches
+
+    def unreadable():
+        raise UnicodeError("undecodable bytes")
+        yield
+
+    def next_micro_batches():
+        if trainer.progress.step == step:
+            trainer.batches = unreadable()
+        return real_next()
+
+    trainer.next_micro_batches = next_micro_batches
