@@ -2,8 +2,8 @@
 
     python benchmarks/distill_step.py --config distill-tiny.toml [--teacher-width 2] [--steps 3] [--json out.json]
 
-Both run the trainer's own step (``argonne_dt.step.train_step``) on the same random batches from
-the same initial student; the distillation step adds the teacher's forward and the chunked KL
+Both run the trainer's own step (``argonne_dt.step.train_step``, the config's gradient accumulation on
+one process) on the same random batches from the same initial student; the distillation step adds the teacher's forward and the chunked KL
 (``distill.alpha``, ``distill.temperature``, ``distill.teacher_dtype`` from the config). The
 teacher is the student's architecture made ``--teacher-width`` times wider (heads and MLP; same
 head size and depth) with Qwen2's q/k/v biases and an untied lm_head, randomly initialized.
@@ -21,7 +21,7 @@ from common import PeakRss, emit_json, random_micro_batches
 
 from argonne_dt.config import load_config
 from argonne_dt.distill import DistillationObjective
-from argonne_dt.distributed import compute_dtype, dtype_named, mixed_precision
+from argonne_dt.distributed import compute_dtype, dtype_named, grad_accum_steps, mixed_precision
 from argonne_dt.optim import build_optimizer
 from argonne_dt.parallelize import build_model
 from argonne_dt.step import train_step
@@ -47,24 +47,28 @@ def main() -> None:
     optimizers = {name: build_optimizer(model, cfg.optim, device.type) for name, model in students.items()}
     objectives = {"pretraining": None, "distillation": DistillationObjective(teacher, cfg.distill, device)}
     autocast = mixed_precision(compute_dtype(cfg, device), device)
-    batches = random_micro_batches(m.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len, args.warmup + args.steps)
+    accumulation = grad_accum_steps(cfg.train, dp=1)
+    micro_batches = random_micro_batches(m.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len,
+                                         (args.warmup + args.steps) * accumulation)
+    steps = [micro_batches[i : i + accumulation] for i in range(0, len(micro_batches), accumulation)]
     results = {name: {"times": [], "memory": []} for name in students}
-    for index, batch in enumerate(batches):
+    for index, step in enumerate(steps):
         for name, model in students.items():
             extra = {"objective": objectives[name]} if objectives[name] else {}
             with PeakRss() as rss:
                 start = time.perf_counter()
-                train_step(model, optimizers[name], [batch], device, autocast, cfg.optim.grad_clip, None, **extra)
+                train_step(model, optimizers[name], step, device, autocast, cfg.optim.grad_clip, None, **extra)
                 elapsed = time.perf_counter() - start
             if index >= args.warmup:
                 results[name]["times"].append(elapsed)
                 results[name]["memory"].append(rss.delta)
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len * accumulation
     summary = {name: {"tokens_per_s": tokens / statistics.median(r["times"]), "step_s_median": statistics.median(r["times"]),
                       "peak_step_memory_mib": max(r["memory"]) / 2**20} for name, r in results.items()}
     summary["speed_ratio"] = summary["distillation"]["tokens_per_s"] / summary["pretraining"]["tokens_per_s"]
     summary["memory_ratio"] = summary["distillation"]["peak_step_memory_mib"] / summary["pretraining"]["peak_step_memory_mib"]
     summary["settings"] = {"config": args.config, "batch": [cfg.train.micro_batch_size, cfg.data.seq_len],
+                           "micro_batches_per_step": accumulation,
                            "student_parameters": students["pretraining"].num_parameters(),
                            "teacher_parameters": teacher.num_parameters(), "teacher_dtype": str(teacher_dtype),
                            "compute_dtype": str(compute_dtype(cfg, device)), "alpha": cfg.distill.alpha,
