@@ -153,6 +153,12 @@ class ParallelLayout:
         return self.parallel.loss_parallel and self.tp > 1
 
     @property
+    def sequence_multiple(self) -> int:
+        """What a sequence's length must be a multiple of: tp under sequence parallelism (each tp rank
+        holds an equal slice of the positions), else 1."""
+        return self.tp if self.sequence_parallel else 1
+
+    @property
     def tokens_per_micro_batch(self) -> int:
         """Tokens of one micro-batch of one dp rank."""
         if not self.seq_len:

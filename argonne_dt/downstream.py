@@ -211,7 +211,7 @@ class MultipleChoiceTask:
         dp-th question, its tp group together; all ranks run as many forward passes (FSDP2 gathers in
         each), and the log-likelihoods are summed over the dp group."""
         dp, dp_rank = (layout.dp, layout.dp_rank) if layout is not None else (1, 0)
-        pad_multiple = layout.tp if layout is not None and layout.sequence_parallel else 1
+        pad_multiple = layout.sequence_multiple if layout is not None else 1
         shares = [[c for c in self.choices if c.question % dp == rank] for rank in range(dp)]
         rounds = max(len(_batches(share, tokens_per_batch, pad_multiple)) for share in shares)
         batches = _batches(shares[dp_rank], tokens_per_batch, pad_multiple)
@@ -226,7 +226,7 @@ class MultipleChoiceTask:
                     end = len(choice.tokens) - 1
                     sums[choice.question, choice.index] = -losses[row, end - choice.scored : end].double().sum()
         if dp > 1:
-            dist.all_reduce(sums, group=layout.dp_mesh.get_group())
+            dist.all_reduce(sums, group=layout.dp_group)
         counts: list[list[int]] = [[] for _ in self.answers]
         characters: list[list[int]] = [[] for _ in self.answers]
         for choice in self.choices:

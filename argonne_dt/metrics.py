@@ -20,6 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+
 def is_rank_zero() -> bool:
     """Whether this process speaks for the run: rank 0 of the process group, or a process without one."""
     return not dist.is_initialized() or dist.get_rank() == 0

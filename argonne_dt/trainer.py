@@ -113,6 +113,9 @@ class Trainer:
                                  transforms=ModelTransforms.of(cfg.parallel))
         self.model.use_loss_path(fused_chunk=cfg.train.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        # Before the resume and the logs: a teacher that cannot load stops the run with nothing opened.
+        self.objective, objective_flops = objective_factory(layout, self.device)
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len) + objective_flops
         self.progress = Progress()
         self.window = LogWindow()
         self.host_group = host_group()
@@ -125,8 +128,6 @@ class Trainer:
         # Steps past the checkpoint (logged before a crash) are dropped: after a resume each appears once.
         self.metrics = MetricsLogger(cfg.job.dir, cfg.metrics.tensorboard, enabled=is_rank_zero(),
                                      resume_step=self.progress.step)
-        self.objective, objective_flops = objective_factory(layout, self.device)
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len) + objective_flops
         self.peak_flops = peak_flops(self.device, dtype) * layout.world_size
         self.losses: dict[int, float] = {}
         self.started = time.perf_counter()
@@ -223,7 +224,7 @@ class Trainer:
         prompts = self.cfg.metrics.sample_prompts
         with self.autocast:
             texts = generate_text(self.model, self.cfg.data, prompts, greedy, recompute=True,
-                                  pad_multiple=self.layout.tp if self.layout.sequence_parallel else 1)
+                                  pad_multiple=self.layout.sequence_multiple)
         for prompt, text in zip(prompts, texts):
             self.metrics.text(self.progress.step, "sample", prompt + text)
 

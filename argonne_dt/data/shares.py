@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch.distributed as dist
 
 from ..config import DataConfig
-from ..metrics import ONCE, logger
+from ..metrics import logger
 from .files import DataError, data_files, read_metadata, report_unreadable, shared_files
 
 log = logger(__name__)
@@ -270,7 +270,7 @@ def _plan(cfg: DataConfig, dp_size: int, held_out: bool) -> SharePlan:
     overlap = shared_files(data_files(cfg.paths), files) if cfg.paths and cfg.eval_paths else []
     if overlap:
         log.warning("data.eval_paths: %d held-out file(s) are training files too (data.paths): %s; the held-out "
-                    "loss on them is not a held-out loss", len(overlap), ", ".join(overlap), extra=ONCE)
+                    "loss on them is not a held-out loss", len(overlap), ", ".join(overlap))
     return plan_shares(files, dp_size, cfg, f"data.eval_paths={cfg.eval_paths}")
 
 
