@@ -210,6 +210,7 @@ class Checkpointer:
         """What the run starts from: its newest complete checkpoint (everything; settings changed since are
         named, model values the weights depend on refused), else the weights of ``checkpoint.initial_load_path``,
         else nothing (None)."""
+        self._require_run_config("load")
         latest = self.latest()
         if latest is not None:
             changes = config_changes(latest, self.config)
@@ -229,6 +230,7 @@ class Checkpointer:
         """Save step ``step`` when ``force`` (a stop, the end of a run), at the ``last`` step, or every
         ``checkpoint.every`` steps while ``healthy`` (not amid non-finite steps); a step saved already is
         not saved again. Returns the directory saved to, or None."""
+        self._require_run_config("maybe_save")
         every = self.config.checkpoint.every
         periodic = every and step % every == 0 and healthy
         if not (force or last or periodic) or step == self._saved_step:
@@ -236,6 +238,11 @@ class Checkpointer:
         self.last_saved = self.save(step, self.config.to_dict())
         self._saved_step = step
         return self.last_saved
+
+    def _require_run_config(self, what: str) -> None:
+        if self.config is None:
+            raise ValueError(f"Checkpointer.{what} follows the run's settings: make the checkpointer with "
+                             "Checkpointer.for_run(cfg, ...) (one made without a config only saves and restores)")
 
     def save(self, step: int, config: dict) -> Path:
         """Write step ``step`` (unless a complete checkpoint of it exists); returns its directory.
