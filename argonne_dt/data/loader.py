@@ -214,9 +214,10 @@ def host_tp_group(layout):
 
 def batches_for(cfg: DataConfig, micro_batch_size: int, layout=None, resumption: Resumption | None = None,
                 held_out: bool = False) -> TensorParallelBatches:
-    """The batches of this rank under ``layout`` (a ``ParallelLayout``, or anything with its ``dp``,
-    ``dp_rank``, ``reads_data`` and ``tp_group``; None: one process): its dp rank's share, read by the
-    first rank of its tp group, started fresh or from ``resumption``.
+    """The batches of this rank under ``layout`` (a ``ParallelLayout``; None: one process; a test's
+    stand-in needs ``dp``, ``dp_rank``, ``reads_data`` and ``tp_group``, and over nccl ``mesh``, ``tp``
+    and ``rank`` too): its dp rank's share, read by the first rank of its tp group, started fresh or
+    from ``resumption``.
 
     The data is ``cfg``'s training data (data.paths less its held-out split, or the sample corpus),
     or with ``held_out`` its held-out data (the data.eval_split rows of data.paths, else
