@@ -27,6 +27,11 @@ import pyarrow.parquet as pq
 
 from .metrics import ProgressReporter
 
+
+class CorpusInputError(ValueError):
+    """An input file that cannot become shards (no text column, a line that is not JSON); the message
+    names the file and line."""
+
 FINEWEB_SCHEMA = pa.schema(
     [
         ("text", pa.string()),
@@ -176,6 +181,9 @@ def sample_held_out(cache_dir: str | Path | None = None, max_files: int | None =
 
 def _read_inputs(paths: Iterable[str | Path], text_key: str) -> Iterator[dict]:
     paths = [Path(p) for p in paths]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise CorpusInputError(f"no such input file: {', '.join(missing)}")
     progress = ProgressReporter(len(paths), "converting", "files")
     for path in paths:
         yield from _records_of(path, text_key)
@@ -187,7 +195,7 @@ def _records_of(path: Path, text_key: str) -> Iterator[dict]:
     if path.suffix == ".parquet":
         table = pq.ParquetFile(path)
         if text_key not in table.schema_arrow.names:
-            raise ValueError(f"{path}: no column {text_key!r} (columns: {', '.join(table.schema_arrow.names)})")
+            raise CorpusInputError(f"{path}: no column {text_key!r} (columns: {', '.join(table.schema_arrow.names)})")
         for batch in table.iter_batches(columns=[text_key]):
             for text in batch.column(0).to_pylist():
                 if text:
@@ -200,7 +208,7 @@ def _records_of(path: Path, text_key: str) -> Iterator[dict]:
                 try:
                     text = json.loads(line)[text_key]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a {text_key!r} field") from None
+                    raise CorpusInputError(f"{path}:{number}: expected a JSON object with a {text_key!r} field") from None
                 if text:
                     yield _record(text, f"{path}:{number}", "converted")
     else:

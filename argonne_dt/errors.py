@@ -13,12 +13,15 @@ from collections.abc import Callable
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .corpus import CorpusInputError
 from .data import DataError
+from .hf import HuggingFaceFormatError
 from .tokenizer import TokenizerError
 
 # What each kind of error is called in the one line a command prints.
-USER_ERRORS = {ConfigError: "config error", DataError: "data error", TokenizerError: "tokenizer error",
-               CheckpointError: "checkpoint error"}
+USER_ERRORS = {ConfigError: "config error", DataError: "data error", CorpusInputError: "data error",
+               TokenizerError: "tokenizer error", CheckpointError: "checkpoint error",
+               HuggingFaceFormatError: "hugging face format error"}
 EXIT_CODE = 2
 
 

@@ -21,6 +21,11 @@ from .metrics import ProgressReporter
 from .parallelize import build_model
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
+
+class HuggingFaceFormatError(ValueError):
+    """A Hugging Face directory (or a model for one) that this mapping cannot read or write; the message
+    names the file and what does not fit."""
+
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn.q_proj.weight": "self_attn.q_proj.weight",
@@ -70,7 +75,7 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], tied: bool = True) -> 
 def check_tied(embedding: torch.Tensor, lm_head: torch.Tensor, source: str = "") -> None:
     """Argonne ties lm_head to the embedding: a separate ``lm_head.weight`` must equal it."""
     if not torch.equal(embedding.to(lm_head.dtype), lm_head):
-        raise ValueError(f"{source}lm_head.weight differs from model.embed_tokens.weight: Argonne ties them, "
+        raise HuggingFaceFormatError(f"{source}lm_head.weight differs from model.embed_tokens.weight: Argonne ties them, "
                          "so this model cannot be represented")
 
 
@@ -139,7 +144,7 @@ def model_config_from_hf(config: dict, source: str, argonne_shaped: bool = True)
         problems.append(f"rope scaling {rope} (only plain RoPE)")
     if problems:
         kind = "an Argonne-shaped Llama" if argonne_shaped else "a Llama or Qwen2 model argonne_dt can run"
-        raise ValueError(f"{source}: not {kind}: " + "; ".join(problems))
+        raise HuggingFaceFormatError(f"{source}: not {kind}: " + "; ".join(problems))
     heads = config["num_attention_heads"]
     return ModelConfig(
         vocab_size=config["vocab_size"],
@@ -172,7 +177,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", 
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise HuggingFaceFormatError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     model, cfg = load_model(checkpoint)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     bos, eos, pad = tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN])
@@ -238,14 +243,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
     hf_dir = Path(hf_dir)
     source = hf_dir / "config.json"
     if not source.exists():
-        raise FileNotFoundError(f"{source} not found: not a Hugging Face model directory")
+        raise HuggingFaceFormatError(f"{source} not found: not a Hugging Face model directory")
     cfg = Config()
     cfg.model = model_config_from_hf(json.loads(source.read_text()), str(source))
     cfg.data.tokenizer = tokenizer
     cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights (convert .bin weights with transformers first)")
+        raise HuggingFaceFormatError(f"{hf_dir}: no *.safetensors weights (convert .bin weights with transformers first)")
     model = build_model(cfg.model)  # allocated, not initialized: every weight comes from the files
     expected = model.state_dict()
     loaded, lm_head = set(), None
@@ -257,14 +262,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer: str = "qwen2.5
         ours = from_hf_state_dict(tensors)
         for name, tensor in ours.items():
             if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ValueError(f"{path}: {to_hf_name(name)} has shape {tuple(tensor.shape)}, config.json implies "
+                raise HuggingFaceFormatError(f"{path}: {to_hf_name(name)} has shape {tuple(tensor.shape)}, config.json implies "
                                  f"{tuple(expected[name].shape)}")
         model.load_state_dict(ours, strict=False)
         loaded.update(ours)
         progress.advance()
     missing = set(expected) - loaded - {"lm_head.weight"}
     if missing:
-        raise ValueError(f"{hf_dir}: weights missing for {sorted(missing)[:5]}")
+        raise HuggingFaceFormatError(f"{hf_dir}: weights missing for {sorted(missing)[:5]}")
     if lm_head is not None:
         check_tied(model.embed.weight, lm_head, f"{hf_dir}: ")
     return write_model_checkpoint(model, cfg, out_dir)

@@ -573,9 +573,8 @@ def step_batch(train: TrainConfig, micro_batch: int, dp: int) -> tuple[int, int]
     ``micro_batch`` sequences a micro-batch on ``dp`` ranks, as the layout divides it
     (``distributed.grad_accum_steps``): ``train.global_batch_size`` whatever the layout, else
     ``train.grad_accum_steps`` micro-batches on each rank."""
-    accumulation = 1 if train.global_batch_size else train.grad_accum_steps
     try:
-        micro_batches = grad_accum_steps(replace(train, micro_batch_size=micro_batch, grad_accum_steps=accumulation), dp)
+        micro_batches = grad_accum_steps(replace(train, micro_batch_size=micro_batch), dp)
     except ConfigError as err:
         raise ConfigError(f"a micro-batch of {micro_batch} on {dp} dp rank(s): {err}") from None
     return micro_batch * micro_batches * dp, micro_batches
@@ -685,7 +684,7 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
     return {
         "config": config, "gpu": gpu, "gpus": gpus, "tp": tp, "dp": dp, "micro_batch": micro_batch,
         "micro_batches": micro_batches, "seq_len": seq, "tokens_per_step": step_tokens,
-        "activation_checkpoint": ac, "sequence_parallel": tp > 1,
+        "activation_checkpoint": ac, "sequence_parallel": sequence_parallel_in_effect(parallel, tp),
         "local_parameters": params, **distilling,
         "memory_gib": {k: v / GIB for k, v in memory.items()}, "reserve_gib": {k: v / GIB for k, v in reserve.items()},
         "activations_per_layer_gib": acts.block_kept / GIB, "loss_chunk": acts.loss_chunk,
@@ -702,7 +701,8 @@ def plan(config: str, tp: int, dp: int, gpu: str, micro_batch: int, seq: int | N
 
 def layouts(config: str, gpus: int, gpu: str, teacher: str | None = None, teacher_fsdp: bool = False) -> list[dict]:
     """Every layout of ``gpus`` GPUs (tp within a node x dp, checkpoint mode, micro-batch) that fits,
-    fastest first (then the least memory)."""
+    fastest first (then the least memory). The micro-batch varies only under a
+    ``train.global_batch_size``; without one it would change the step itself, so it stays the config's."""
     cfg = load_config(config)
     rows = []
     for tp in (t for t in (1, 2, 4, 8) if gpus % t == 0 and t <= GPUS[gpu].per_node):
@@ -711,7 +711,7 @@ def layouts(config: str, gpus: int, gpu: str, teacher: str | None = None, teache
         except ConfigError:
             continue
         dp = gpus // tp
-        for micro_batch in (1, 2, 4, 8, 16):
+        for micro_batch in (1, 2, 4, 8, 16) if cfg.train.global_batch_size else (cfg.train.micro_batch_size,):
             try:
                 step_batch(cfg.train, micro_batch, dp)
             except ConfigError:  # the global batch cannot be formed from it on dp ranks

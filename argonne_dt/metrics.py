@@ -28,8 +28,6 @@ def is_rank_zero() -> bool:
 
 # ``extra=`` of a record that every rank has its own of (a signal it received): said on every rank.
 EVERY_RANK = {"every_rank": True}
-# ``extra=`` of a warning that is the same on every rank: said once, by rank 0.
-ONCE = {"once": True}
 
 
 class _Console(logging.Handler):
@@ -37,13 +35,13 @@ class _Console(logging.Handler):
     streams are looked up per record, as ``print`` does, so a redirected or captured stdout gets them.
 
     Rank 0 alone says information (``EVERY_RANK`` lets a record through on every rank); every rank
-    says its warnings, but for those marked ``ONCE``.
+    says its warnings.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if is_rank_zero() or getattr(record, "every_rank", False):
             return True
-        return record.levelno >= logging.WARNING and not getattr(record, "once", False)
+        return record.levelno >= logging.WARNING
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -39,10 +39,11 @@ def _memory(row: dict) -> str:
 
 
 def _table(rows: list[dict]) -> None:
-    print(f"{'tp':>3} {'dp':>3} {'ckpt':>9} {'mb':>3} {'accum':>5} {'GiB':>6} {'compute':>8} {'tp comm':>8} "
+    print(f"{'tp':>3} {'dp':>3} {'ckpt':>9} {'mb':>3} {'accum':>5} {'tok/step':>8} {'GiB':>6} {'compute':>8} {'tp comm':>8} "
           f"{'dp exp.':>8} {'step s':>7} {'tokens/s':>9} {'MFU':>6} {'days':>6}")
     for r in rows:
         print(f"{r['tp']:>3} {r['dp']:>3} {r['activation_checkpoint']:>9} {r['micro_batch']:>3} {r['micro_batches']:>5} "
+              f"{r['tokens_per_step']:>8,} "
               f"{r['total_gib']:>6.1f} {r['compute_s']:>8.3f} {r['tp_comm_s']:>8.3f} {r['exposed_dp_comm_s']:>8.3f} "
               f"{r['step_s']:>7.3f} {r['predicted_tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['predicted_days']:>6.1f}")
 

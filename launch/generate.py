@@ -39,11 +39,16 @@ def main() -> int:
         sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
                                   args.top_p, args.repetition_penalty, args.seed)
         single = len(args.prompt) == 1
+        unsaid = [args.prompt[0]] if single else []  # the prompt, once the model has loaded
+
+        def stream_after_prompt(piece: str) -> None:
+            while unsaid:
+                stream(unsaid.pop())
+            stream(piece)
+
+        texts = generate_from_checkpoint(args.checkpoint, args.prompt, sampling, stream_after_prompt if single else None)
         if single:
-            stream(args.prompt[0])
-        texts = generate_from_checkpoint(args.checkpoint, args.prompt, sampling, stream if single else None)
-        if single:
-            stream("\n")
+            stream_after_prompt("\n")
         elif main_rank():
             for prompt, text in zip(args.prompt, texts):
                 print(f"--- {prompt!r}\n{prompt}{text}")

@@ -167,3 +167,13 @@ def test_a_run_started_from_other_weights_may_hold_out_another_split_but_a_resum
     cfg.data.eval_split = 0.01  # the run's own checkpoint: its rows were cut with 0.005
     with pytest.raises(CheckpointError, match=r"data.eval_split is 0.01 in this config but 0.005"):
         Checkpointer.for_run(cfg, ModelOptimizerState(ArgonneModel(cfg.model), None), {"progress": Progress()}).load()
+
+
+def test_a_checkpointer_without_the_runs_settings_only_saves_and_restores(tmp_path):
+    from argonne_dt.checkpoint import Checkpointer
+
+    saver = Checkpointer(tmp_path / "checkpoints", keep_last=0, async_save=False,
+                         model_state=ModelOptimizerState(ArgonneModel(_config().model), None), states={})
+    for call in (saver.load, lambda: saver.maybe_save(1)):
+        with pytest.raises(ValueError, match="Checkpointer.for_run"):
+            call()

@@ -58,6 +58,9 @@ def test_bad_override_exits_with_a_message():
      "config error: sampling top_p must be in (0, 1] (1: off), got 0.0"),
     (["launch/export_hf.py", "--checkpoint", "nowhere", "--out", "nowhere-hf"],
      "checkpoint error: nowhere: no complete checkpoint here"),
+    (["launch/import_hf.py", "--hf", "nowhere", "--out", "nowhere-imported"],
+     "hugging face format error: nowhere/config.json not found: not a Hugging Face model directory"),
+    (["launch/prepare_data.py", "--out", "nowhere-shards", "nowhere.txt"], "data error: no such input file: nowhere.txt"),
 ])
 def test_the_tools_end_a_bad_value_with_one_line(command, message):
     done = run([sys.executable, *command])

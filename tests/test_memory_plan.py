@@ -130,3 +130,26 @@ def test_a_micro_batch_the_global_batch_cannot_be_formed_from_is_named():
 
     with pytest.raises(ConfigError, match=r"a micro-batch of 3 on 2 dp rank\(s\): train.global_batch_size=16"):
         plan("4b9.toml", 4, 2, "a100-80gb", 3, None, "full")
+
+
+def test_a_layout_built_without_the_batch_does_not_guess_its_tokens():
+    from argonne_dt.config import ParallelConfig
+    from argonne_dt.distributed import build_layout
+    from argonne_dt.memory_plan import fake_world
+
+    with fake_world(2):
+        layout = build_layout(ParallelConfig(tp=2, dp=1), "cpu")
+    with pytest.raises(ValueError, match="built without the run's batch"):
+        layout.tokens_per_step
+
+
+def test_the_planner_refuses_a_step_the_trainer_refuses():
+    from dataclasses import replace
+
+    from argonne_dt.config import ConfigError, load_config
+    from argonne_dt.memory_plan import step_batch
+
+    train = replace(load_config("4b9.toml").train, grad_accum_steps=4)  # 4 x 4 = 16 sequences on one rank
+    assert step_batch(train, 4, 1) == (16, 4)
+    with pytest.raises(ConfigError, match="train.grad_accum_steps=4 contradicts train.global_batch_size=16"):
+        step_batch(train, 4, 2)

@@ -55,8 +55,8 @@ def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def fail_data_at_step(trainer, step: int) -> None:
-    """From step ``step`` on, the built ``trainer``'s data raises an error that is not a ``DataError``
-    (undecodable bytes), as a reader meeting a corrupt file would."""
+    """Once step ``step`` is done, the built ``trainer``'s data for the next step raises an error that is
+    not a ``DataError`` (undecodable bytes), as a reader meeting a corrupt file would."""
     real_next = trainer.next_micro_batches
 
     def unreadable():
