@@ -34,6 +34,12 @@ def message_of(err: Exception) -> str:
     return " ".join(text.split())
 
 
+def add_debug_option(parser) -> None:
+    """``--debug`` on a command line: a user error raises with its traceback instead of one line."""
+    parser.add_argument("--debug", action="store_true", help="a user error (config, data, checkpoint, ...) raises "
+                        "with its traceback")
+
+
 def run_reporting_user_errors(action: Callable[[], object], debug: bool = False) -> int:
     """``action()``; 0 when it returns, ``EXIT_CODE`` after a ``USER_ERRORS`` one (its message on
     stderr, once), the exception itself with ``debug``."""

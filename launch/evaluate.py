@@ -10,7 +10,7 @@ import json
 import sys
 
 from argonne_dt.downstream import evaluate_multiple_choice
-from argonne_dt.errors import run_reporting_user_errors
+from argonne_dt.errors import add_debug_option, run_reporting_user_errors
 from argonne_dt.evaluation import evaluate_checkpoint
 
 
@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--multiple-choice", metavar="JSONL",
                         help="a multiple-choice task (HellaSwag's ctx / endings / label, or context / choices / answer)")
     parser.add_argument("--limit", type=int, default=0, help="with --multiple-choice: the first N questions (0: all)")
-    parser.add_argument("--debug", action="store_true", help="a config or data error raises with its traceback")
+    add_debug_option(parser)
     args = parser.parse_args()
 
     def evaluate() -> None:

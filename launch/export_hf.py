@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from argonne_dt.errors import run_reporting_user_errors
+from argonne_dt.errors import add_debug_option, run_reporting_user_errors
 from argonne_dt.hf import export_hf
 
 
@@ -16,7 +16,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
-    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
+    add_debug_option(parser)
     args = parser.parse_args()
     return run_reporting_user_errors(
         lambda: print(export_hf(args.checkpoint, args.out, args.dtype, int(args.max_shard_gb * 2**30))), args.debug)

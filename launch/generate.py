@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from argonne_dt.errors import run_reporting_user_errors
+from argonne_dt.errors import add_debug_option, run_reporting_user_errors
 from argonne_dt.generate import SamplingConfig, generate_from_checkpoint
 
 
@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
+    add_debug_option(parser)
     args = parser.parse_args()
 
     def main_rank() -> bool:  # torchrun's RANK: the process group starts later, when the model loads

@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from argonne_dt.errors import run_reporting_user_errors
+from argonne_dt.errors import add_debug_option, run_reporting_user_errors
 from argonne_dt.hf import import_hf
 
 
@@ -16,7 +16,7 @@ def main() -> int:
     parser.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--tokenizer", default="qwen2.5")
-    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
+    add_debug_option(parser)
     args = parser.parse_args()
     return run_reporting_user_errors(lambda: print(import_hf(args.hf, args.out, args.tokenizer)), args.debug)
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from argonne_dt.corpus import convert_to_shards, sample_corpus
-from argonne_dt.errors import run_reporting_user_errors
+from argonne_dt.errors import add_debug_option, run_reporting_user_errors
 
 
 def main() -> int:
@@ -22,7 +22,7 @@ def main() -> int:
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--rows-per-row-group", type=int, default=1_000)
     parser.add_argument("--sample", action="store_true", help="build the bundled sample corpus and print its path")
-    parser.add_argument("--debug", action="store_true", help="a config, data or checkpoint error raises with its traceback")
+    add_debug_option(parser)
     args = parser.parse_args()
     if not args.sample and (not args.inputs or not args.out):
         parser.error("give input files and --out (or --sample)")

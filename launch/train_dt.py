@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from argonne_dt.config import load_config
-from argonne_dt.errors import run_reporting_user_errors
+from argonne_dt.errors import add_debug_option, run_reporting_user_errors
 from argonne_dt.trainer import train
 
 
@@ -19,7 +19,7 @@ def main(run=train, description: str = __doc__) -> int:
     (printed once; ``--debug``: the traceback)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny.toml", help="bundled config name or path to a TOML file")
-    parser.add_argument("--debug", action="store_true", help="a config or data error raises with its traceback")
+    add_debug_option(parser)
     args, overrides = parser.parse_known_args()
     return run_reporting_user_errors(lambda: run(load_config(args.config, overrides)), args.debug)
 
